@@ -1,0 +1,1 @@
+"""External benchmark adapters and throughput benchmarks (installed as `mosaic_ray.benchmarks`)."""

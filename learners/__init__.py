@@ -1,0 +1,1 @@
+"""The learner group (installed as `mosaic_ray.learners`): distributed learners, weight sync, checkpoints."""

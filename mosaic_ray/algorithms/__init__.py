@@ -1,0 +1,51 @@
+"""Losses of the learner, one readable file each, registered by name.
+
+Every loss is a pure function with one signature (verl's `register_policy_loss` shape):
+
+    loss_fn(logp, old_logp, adv, mask, cfg, *, ref_logp=None, entropy=None, norm=None) -> (loss, metrics)
+
+`logp`, `old_logp`, `ref_logp`, `entropy`, `mask` are (B, T) over target tokens; `adv` is (B,) (one advantage
+per trajectory). `norm` is the GLOBAL denominator of the whole update (all micro-batches, all ranks); the
+learner passes it so that gradient accumulation and 2 ranks give exactly the gradient of one big batch.
+`metrics` are floats already averaged over this micro-batch's own tokens (the learner re-weights them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+LOSSES: dict[str, Callable] = {}
+
+
+def register_loss(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make a loss callable by name (`LearnerConfig.algorithm`)."""
+    def deco(fn: Callable) -> Callable:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is already registered (by {LOSSES[name].__module__})")
+        LOSSES[name] = fn
+        return fn
+    return deco
+
+
+def get_loss(name: str) -> Callable:
+    """The registered loss `name`; the error lists the known names."""
+    if name not in LOSSES:
+        raise KeyError(f"unknown algorithm {name!r}; registered losses: {', '.join(sorted(LOSSES))}")
+    return LOSSES[name]
+
+
+def loss_norm(name: str, mask, cfg) -> float:
+    """The denominator loss `name` divides by, counted on `mask` (B, T); sum it over micro-batches and ranks."""
+    from mosaic_ray.algorithms.aggregation import local_norm
+
+    if name == "sft":
+        return local_norm(mask, "token")
+    if name == "dpo":
+        return float(mask.shape[0] // 2)           # pairs
+    return local_norm(mask, cfg.loss_agg)
+
+
+# Importing the modules registers their losses.
+from mosaic_ray.algorithms import dpo, mosaic_grpo, scalar_grpo, sft  # noqa: E402,F401
+
+__all__ = ["LOSSES", "register_loss", "get_loss", "loss_norm"]

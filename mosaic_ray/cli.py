@@ -1,0 +1,80 @@
+"""`mosaic-ray` command line: a thin argparse; each subcommand lives with the code it drives.
+
+Subcommand modules expose `register(subparsers)` and keep heavy imports (torch, ray, transformers) inside
+their handlers, so `mosaic-ray --help` and `config show` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from mosaic_ray.config import ConfigError, load_config, preset_names, to_yaml
+
+# Modules that add subcommands (each has `register(subparsers)`).
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.name, args.set)
+    sys.stdout.write(to_yaml(cfg))
+    return 0
+
+
+def _model_init(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mosaic_ray.hygiene import set_torch_threads
+    from mosaic_ray.models.tiny import build_tiny_model
+
+    set_torch_threads(1)
+    cfg = load_config(args.config, [f"model.tiny.vocab={args.vocab}", f"model.tiny.seed={args.seed}",
+                                    *(f"model.tiny.{s}" for s in args.set)])
+    out = build_tiny_model(args.out, cfg.model.tiny)
+    params = json.loads((out / "mosaic_tiny.json").read_text())["params"]
+    print(f"tiny model ({cfg.model.tiny.vocab} vocab, {params:,} parameters) written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mosaic-ray", description="MOSAIC on Ray: train agents that know when "
+                                     "to act and when to refuse.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print a resolved config")
+    show.add_argument("name", nargs="?", default="tiny-cpu", help=f"preset ({', '.join(preset_names())}) or YAML path")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
+    show.set_defaults(func=_config_show)
+
+    model = sub.add_parser("model", help="build models")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    init = model_sub.add_parser("init", help="build the tiny offline model (tokenizer + Qwen3 LM) as an HF directory")
+    init.add_argument("--out", required=True, help="new or empty output directory")
+    init.add_argument("--vocab", choices=["bpe", "qwen"], default="bpe")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--config", default="tiny-cpu", help="preset whose model.tiny section sets the shape")
+    init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a model.tiny key, e.g. --set hidden_size=256")
+    init.set_defaults(func=_model_init)
+
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"mosaic-ray: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Typed run configuration: one frozen dataclass per component, mirrored 1:1 by YAML.
+
+Presets ship as YAML files inside the package (`mosaic_ray/presets/NAME.yaml`). A preset only names what
+differs from the dataclass defaults; `mosaic-ray config show NAME` prints the fully resolved tree. Every
+error names the dotted key, the value and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is wrong; the message names the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the tiny Qwen3-architecture model the project builds offline."""
+
+    vocab: Literal["bpe", "qwen"] = "bpe"
+    """`bpe`: a byte-level BPE trained on the project's own text; `qwen`: the real Qwen2.5/Qwen3 vocabulary."""
+    vocab_size: int = 4096
+    """Target BPE vocab size (the model's embedding is trimmed to the size the tokenizer reaches)."""
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 512
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which policy to load."""
+
+    path: str | None = None
+    """HF model directory or `s3://` URI; None builds (or reuses from the cache) the tiny model."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    family: Literal["hermes", "phi4"] = "hermes"
+    """Tool-call format family used to render and parse turns."""
+    cache_dir: str | None = None
+    """Where built tiny models are cached by content hash (default ~/.cache/mosaic-ray/models)."""
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    """The MOSAIC agent loop's limits."""
+
+    max_steps: int = 6
+    """Assistant turns per episode before it is cut (terminal = max_steps)."""
+    max_new_tokens: int = 96
+    """Tokens one assistant turn may generate."""
+    max_episode_tokens: int = 1024
+    """Prompt + completion tokens per episode before it is cut (terminal = max_tokens)."""
+    max_argument_chars: int = 2000
+    max_observation_chars: int = 1200
+    tool_timeout_s: float = 2.0
+    system_prompt: Literal["full", "compact"] = "compact"
+    """`compact` keeps the prompt short for tiny models; `full` explains the loop at length."""
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """Which tasks to train and evaluate on."""
+
+    source: str = "builtin"
+    """`builtin` (procedurally generated suites), or a path / s3 URI to a Parquet or JSONL task file."""
+    train_size: int = 2400
+    test_size: int = 480
+    seed: int = 0
+    domains: tuple[str, ...] = ()
+    """Restrict to these domains (empty = all)."""
+    categories: tuple[str, ...] = ()
+    """Restrict to these categories (empty = all)."""
+    category_weights: dict[str, float] = field(default_factory=dict)
+    """Sampling weight per category for training batches (empty = uniform)."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Inference engines serving the policy to rollout workers."""
+
+    kind: Literal["hf", "vllm", "openai"] = "hf"
+    num_engines: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    tensor_parallel_size: int = 1
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    gpu_memory_utilization: float = 0.85
+    max_model_len: int = 4096
+    base_url: str | None = None
+    """OpenAI-compatible endpoint for `kind: openai` (evaluation only)."""
+    api_model: str | None = None
+    sleep_when_idle: bool = False
+    """vLLM sleep/wake when colocated with learners."""
+    device: str = "auto"
+    """HF engine device: `auto` (cuda when visible, else cpu), `cpu`, `cuda`, `cuda:N`."""
+    seed: int = 0
+    """Seed of the engine's generator, used by requests that carry no seed of their own."""
+    weight_transfer_backend: Literal["nccl", "none"] = "nccl"
+    """vLLM: native weight-transfer backend set up at engine start (`none`: only the reload_weights path)."""
+    enforce_eager: bool = False
+    """vLLM: skip CUDA graph capture (faster start, slower decode; tests and debugging)."""
+    request_timeout_s: float = 600.0
+    """OpenAI engine: seconds one HTTP request may take before it fails."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The rollout fleet."""
+
+    min_workers: int = 1
+    max_workers: int = 2
+    num_cpus_per_worker: float = 0.5
+    episodes_per_worker: int = 32
+    """Concurrent episodes per worker (asyncio)."""
+    group_size: int = 4
+    """G: samples per task (the paper uses 4)."""
+    tasks_per_iteration: int = 16
+    max_episode_retries: int = 2
+    scale_up_queue_per_worker: int = 8
+    """Scale up when queued episodes per worker exceed this and resources are free."""
+    idle_scale_down_s: float = 30.0
+    request_autoscaler: bool = False
+    """On real clusters ask the autoscaler for resources (ray.autoscaler.sdk.request_resources)."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """How trajectories of a group are compared and turned into rewards."""
+
+    kind: Literal["rubric", "llm"] = "rubric"
+    reward_mode: Literal["pairwise", "scalar"] = "pairwise"
+    """`pairwise`: wins over the group (MOSAIC); `scalar`: grader score (the ablation)."""
+    format_weight: float = 0.5
+    length_budget: int = 400
+    """L0: tokens per step before the length penalty starts."""
+    length_penalty_weight: float = 1.0
+    tie_tolerance_tokens: int = 8
+    """Equal-rubric trajectories whose token counts differ by more than this break the tie toward fewer."""
+    normalize_advantages: bool = True
+    llm_judge_model: str | None = None
+    num_workers: int = 2
+    """Pairs judged in parallel."""
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The learner group and its optimisation."""
+
+    num_learners: int = 1
+    """Learner actors; 0 runs one in-process learner (tests)."""
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    backend: Literal["gloo", "nccl"] = "gloo"
+    strategy: Literal["ddp", "fsdp2"] = "ddp"
+    algorithm: Literal["mosaic_grpo", "scalar_grpo", "dpo"] = "mosaic_grpo"
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    loss_agg: Literal["token", "sequence"] = "token"
+    dpo_beta: float = 0.1
+    micro_batch_tokens: int = 8192
+    """Token budget of one micro-batch; gradients accumulate across micro-batches."""
+    epochs_per_iteration: int = 1
+    bf16: bool = False
+    activation_checkpointing: bool = False
+    logprob_chunk_size: int = 1024
+    """Positions per chunk when computing token log-probs (keeps [B, T, V] from materialising twice)."""
+    weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimizer steps, then constant."""
+    seed: int = 0
+    """Seeds torch/Python/NumPy in every learner (rank r uses seed + r)."""
+
+
+@dataclass(frozen=True)
+class WarmStartConfig:
+    """SFT warm start on demonstrations from scripted policies with deliberate mistakes."""
+
+    enabled: bool = True
+    num_demos: int = 3000
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 3e-3
+    lr_end: float = 3e-4
+    warmup_steps: int = 20
+    comply_harmful_rate: float = 0.5
+    follow_injection_rate: float = 0.7
+    refuse_benign_rate: float = 0.1
+    leak_privacy_rate: float = 0.5
+    safety_check_rate: float = 0.5
+    """Share of demonstration turns that include a `<safety_thoughts>` check."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The outer loop."""
+
+    iterations: int = 30
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1
+    """Async: how many policy versions generation may run ahead of the learner."""
+    eval_size: int = 240
+    """Held-out tasks evaluated before and after training (0 = the whole test split)."""
+    eval_every: int = 0
+    """Also evaluate every N iterations (0 = only before and after)."""
+    eval_temperature: float = 0.0
+    checkpoint_every: int = 5
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How the driver finds Ray."""
+
+    address: str | None = None
+    """None: RAY_ADDRESS if set (as under `ray job submit`), else start a local Ray."""
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+    auth_mode: str | None = None
+    """Exported as RAY_AUTH_MODE for local clusters when set."""
+
+
+@dataclass(frozen=True)
+class MosaicConfig:
+    """A whole run."""
+
+    name: str = "tiny-cpu"
+    run_dir: str | None = None
+    """Local path or s3://bucket/prefix; None = runs/<name>-<timestamp>."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    scenarios: ScenarioConfig = field(default_factory=ScenarioConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ------------------------------------------------------------------------------------------ conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it converted (lists → tuples, ints → floats)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise bad
+        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is not None:
+            raise bad
+        return None
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is bool or tp is str:
+        if not isinstance(value, tp):
+            raise bad
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{where}: unknown config key (known under {prefix or 'the top level'}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+    obj = cls(**kwargs)
+    _validate(obj, prefix)
+    return obj
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    """Value checks beyond types; raise ConfigError naming the key and the fix."""
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            full = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"{full}: {msg} (got {getattr(obj, key)!r})")
+
+    positive = {
+        TinyModelConfig: ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                          "intermediate_size"),
+        ProtocolConfig: ("max_steps", "max_new_tokens", "max_episode_tokens", "max_argument_chars",
+                         "max_observation_chars"),
+        EngineConfig: ("num_engines", "max_batch_size", "tensor_parallel_size"),
+        RolloutConfig: ("max_workers", "episodes_per_worker", "tasks_per_iteration"),
+        LearnerConfig: ("lr", "micro_batch_tokens", "epochs_per_iteration", "logprob_chunk_size"),
+        WarmStartConfig: ("batch_size",),
+        JudgeConfig: ("length_budget", "num_workers"),
+    }.get(type(obj), ())
+    for key in positive:
+        need(getattr(obj, key) > 0, key, "must be > 0")
+    if isinstance(obj, RolloutConfig):
+        need(obj.group_size >= 2, "group_size", "must be >= 2 (pairs need two trajectories)")
+        need(0 <= obj.min_workers <= obj.max_workers, "min_workers", f"must be between 0 and max_workers={obj.max_workers}")
+    if isinstance(obj, EngineConfig):
+        need(obj.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+        need(0 < obj.top_p <= 1, "top_p", "must be in (0, 1]")
+    if isinstance(obj, WarmStartConfig):
+        for key in ("comply_harmful_rate", "follow_injection_rate", "refuse_benign_rate", "leak_privacy_rate",
+                    "safety_check_rate"):
+            need(0 <= getattr(obj, key) <= 1, key, "must be a rate in [0, 1]")
+    if isinstance(obj, LearnerConfig):
+        need(obj.num_learners >= 0, "num_learners", "must be >= 0 (0 = in-process)")
+        need(obj.clip_eps > 0, "clip_eps", "must be > 0")
+    if isinstance(obj, TrainConfig):
+        need(obj.iterations >= 0, "iterations", "must be >= 0")
+        need(obj.max_staleness >= 0, "max_staleness", "must be >= 0")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain YAML-ready dict (tuples become lists)."""
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+    return conv(cfg)
+
+
+def to_yaml(cfg: MosaicConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict[str, Any]) -> MosaicConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    return _build(MosaicConfig, data)
+
+
+# ---------------------------------------------------------------------------------------- presets & CLI
+
+
+def preset_names() -> list[str]:
+    root = resources.files("mosaic_ray") / "presets"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, where: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` → (['a','b','c'], YAML-parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set path in the nested dict, checking every segment against the dataclass tree."""
+    cls: Any = MosaicConfig
+    node = data
+    for i, part in enumerate(path):
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        dotted = ".".join(path[: i + 1])
+        if part not in names:
+            where = f"under {'.'.join(path[:i])}" if i else "at the top level"
+            raise ConfigError(f"{'.'.join(path)}: unknown config key {dotted!r} (known {where}: "
+                              f"{', '.join(sorted(names))})")
+        hint = typing.get_type_hints(cls)[part]
+        if i == len(path) - 1:
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"{dotted}: is a {_type_name(hint)}, it has no sub-key {path[i + 1]!r}")
+        node = node.setdefault(part, {})
+        cls = hint
+
+
+def load_config(name_or_path: str = "tiny-cpu", overrides: list[str] | tuple[str, ...] = ()) -> MosaicConfig:
+    """Resolve a preset name or a YAML path, then apply `--set` overrides (dotted keys)."""
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {name_or_path}: not found")
+        data = _read_yaml(path.read_text(), str(path))
+    else:
+        res = resources.files("mosaic_ray") / "presets" / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(f"config {name_or_path!r}: no such preset (known: {', '.join(preset_names())}) and no such file")
+        data = _read_yaml(res.read_text(), f"preset {name_or_path}")
+    base = data.pop("base", None)
+    if base is not None:
+        parent = to_dict(load_config(str(base)))
+        data = _merge(parent, data)
+    for item in overrides:
+        key, value = parse_override(item)
+        _apply_override(data, key, value)
+    return from_dict(data)
