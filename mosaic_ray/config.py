@@ -97,7 +97,8 @@ class EngineConfig:
 
     kind: Literal["hf", "vllm", "openai"] = "hf"
     num_engines: int = 1
-    num_cpus: float = 1.0
+    num_cpus: float = 0.5
+    """Logical CPUs reserved per engine actor (the tiny default fits engine + learner + workers in 2 CPUs)."""
     num_gpus: float = 0.0
     tensor_parallel_size: int = 1
     max_batch_size: int = 64
@@ -129,18 +130,26 @@ class RolloutConfig:
 
     min_workers: int = 1
     max_workers: int = 2
-    num_cpus_per_worker: float = 0.5
+    num_cpus_per_worker: float = 0.25
     episodes_per_worker: int = 32
     """Concurrent episodes per worker (asyncio)."""
     group_size: int = 4
     """G: samples per task (the paper uses 4)."""
     tasks_per_iteration: int = 16
     max_episode_retries: int = 2
+    """Re-runs of an episode whose worker died (or whose call failed) before it is recorded as an error."""
     scale_up_queue_per_worker: int = 8
     """Scale up when queued episodes per worker exceed this and resources are free."""
     idle_scale_down_s: float = 30.0
+    """Retire a worker (never below min_workers) once it and the queue have been idle this long."""
     request_autoscaler: bool = False
     """On real clusters ask the autoscaler for resources (ray.autoscaler.sdk.request_resources)."""
+    autoscale: bool = True
+    """Let the fleet resize itself between min_workers and max_workers (False: only `scale_to` resizes it)."""
+    control_interval_s: float = 0.5
+    """How often the fleet's control thread admits started workers and makes scaling decisions."""
+    max_in_flight_per_worker: int = 0
+    """Episodes the fleet keeps sent to one worker (0 = episodes_per_worker, so none wait inside a worker)."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +169,8 @@ class JudgeConfig:
     llm_judge_model: str | None = None
     num_workers: int = 2
     """Pairs judged in parallel."""
+    num_cpus: float = 0.25
+    """Logical CPUs reserved by the pair-builder actor."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +179,7 @@ class LearnerConfig:
 
     num_learners: int = 1
     """Learner actors; 0 runs one in-process learner (tests)."""
-    num_cpus: float = 1.0
+    num_cpus: float = 0.5
     num_gpus: float = 0.0
     backend: Literal["gloo", "nccl"] = "gloo"
     strategy: Literal["ddp", "fsdp2"] = "ddp"
@@ -239,8 +250,10 @@ class RayConfig:
     """None: RAY_ADDRESS if set (as under `ray job submit`), else start a local Ray."""
     num_cpus: int | None = None
     include_dashboard: bool = False
-    auth_mode: str | None = None
-    """Exported as RAY_AUTH_MODE for local clusters when set."""
+    auth_mode: str | None = "disabled"
+    """RAY_AUTH_MODE for the driver when the environment does not set it. Cluster and clients must agree: a local
+    `ray.init()` with token auth writes ~/.ray/auth_token, after which a `ray start` cluster may reject
+    `ray job submit` without it."""
 
 
 @dataclass(frozen=True)

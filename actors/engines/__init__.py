@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .base import (Completion, Engine, GenerationRequest, PauseMode, SamplingParams, StaleWeightsError,
-                   check_version, validate_request)
+from .base import (
+    Completion,
+    Engine,
+    GenerationRequest,
+    PauseMode,
+    SamplingParams,
+    StaleWeightsError,
+    check_version,
+    validate_request,
+)
 from .router import EngineRouter
 
 if TYPE_CHECKING:

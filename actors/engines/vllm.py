@@ -1,0 +1,203 @@
+"""vLLM engine (GPU; the `vllm` extra): AsyncLLM with raw log-probs and two weight-update paths.
+
+`vllm` is imported lazily inside functions, so this module imports on any machine; constructing the engine
+without vLLM installed raises ImportError naming `pip install 'mosaic-ray[vllm]'`.
+
+Log-probs: the engine runs with `logprobs_mode="raw_logprobs"` and asks for `logprobs=0` (the sampled token
+only), so each returned value is log p(token) under the model's unprocessed distribution, the same quantity
+the HF engine returns and the learner recomputes. `generation_config="vllm"` stops vLLM from silently applying
+the model's own sampling defaults.
+
+Weight updates (plain HF names either way; vLLM's `load_weights` maps and shards them for tensor parallelism):
+
+- **simple path** `update_weights(named tensors, version)`: pause generation, ship the tensors to every worker
+  with `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`, resume. Works on CPU builds too
+  (`load_weights` after init does not: CPU post-processing replaces the parameters).
+- **NCCL path** (vLLM's native RL weight sync): `init_weight_transfer(...)` once (the trainer joins the same
+  NCCL group as rank 0 via `NCCLWeightTransferEngine.trainer_init`), then per update
+  `receive_weights(names, dtype_names, shapes, version)` while the trainer calls `trainer_send_weights`.
+  It wraps vLLM's `start_weight_update` / `update_weights` / `finish_weight_update(version)`.
+
+Written against vLLM 0.33's AsyncLLM API; it cannot run on the CPU-only CI (see tests/test_engines_vllm.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .base import Completion, Engine, GenerationRequest, PauseMode, WeightsLike, check_version, validate_request
+
+__all__ = ["VLLMEngine", "import_vllm"]
+
+INSTALL_HINT = "pip install 'mosaic-ray[vllm]'"
+
+
+def import_vllm():
+    """The `vllm` module, or ImportError with the install command."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(f"the vLLM engine (engine.kind: vllm) needs vLLM, which is not installed here: "
+                          f"{INSTALL_HINT} (GPU nodes only; CPU runs use engine.kind: hf)") from exc
+    return vllm
+
+
+class VLLMEngine(Engine):
+    """AsyncLLM behind the Engine interface. Construct inside the process that will use it (a Ray actor)."""
+
+    def __init__(self, model_path: str, *, tensor_parallel_size: int = 1, dtype: str = "bfloat16",
+                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, enable_sleep_mode: bool = False,
+                 weight_transfer_backend: str | None = "nccl", seed: int = 0, enforce_eager: bool = False):
+        vllm = import_vllm()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        extra: dict[str, Any] = {}
+        if weight_transfer_backend is not None:
+            from vllm.config import WeightTransferConfig
+
+            extra["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer_backend)
+        args = AsyncEngineArgs(model=str(model_path), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                               gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
+                               enable_sleep_mode=enable_sleep_mode, logprobs_mode="raw_logprobs",
+                               generation_config="vllm", seed=seed, enforce_eager=enforce_eager, **extra)
+        self._vllm = vllm
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.model_path = str(model_path)
+        self.dtype = dtype
+        self.tensor_parallel_size = tensor_parallel_size
+        tok = self.llm.get_tokenizer()
+        self.eos_id = int(tok.eos_token_id)
+        self.vocab_size = int(self.llm.model_config.get_vocab_size())
+        self.max_model_len = max_model_len
+        self._version = 0
+        self._running = 0
+        self._sleeping = False
+        self._update_lock = asyncio.Lock()
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------------------------ data plane
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        self._event_loop = asyncio.get_running_loop()
+        for req in requests:
+            validate_request(req, self.vocab_size)
+        return list(await asyncio.gather(*(self._generate_one(r) for r in requests)))
+
+    async def _generate_one(self, req: GenerationRequest) -> Completion:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        s = req.sampling
+        params = VSamplingParams(temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+                                 stop_token_ids=[*s.stop_token_ids, *(() if s.ignore_eos else (self.eos_id,))],
+                                 ignore_eos=s.ignore_eos, seed=s.seed, logprobs=0,
+                                 output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=False)
+        # The version is read when the request starts; updates pause generation first, so the whole
+        # completion comes from one version (requests aborted by an update come back as "abort").
+        version = self._version
+        final = None
+        self._running += 1
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": list(req.prompt_ids)}, params,
+                                               request_id=f"{req.request_id or 'req'}-{uuid.uuid4().hex[:8]}"):
+                final = out
+        finally:
+            self._running -= 1
+        if final is None or not final.outputs:
+            return Completion(req.request_id, [], [], "error", version)
+        seq = final.outputs[0]
+        token_ids = list(seq.token_ids)
+        # With logprobs=0 each position holds the sampled token's entry (vLLM always includes it).
+        logprobs = [float(pos[t].logprob) for t, pos in zip(token_ids, seq.logprobs or [])]
+        if len(logprobs) != len(token_ids):
+            return Completion(req.request_id, token_ids, logprobs, "error", version)
+        reason = seq.finish_reason if seq.finish_reason in ("stop", "length", "abort") else "error"
+        return Completion(req.request_id, token_ids, logprobs, reason, version)
+
+    # --------------------------------------------------------------------------------- control plane
+
+    def update_weights(self, weights: WeightsLike, version: int) -> None:
+        """Blocking form for a thread other than the engine's event loop (AsyncLLM lives on that loop)."""
+        loop = self._event_loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("VLLMEngine.update_weights: the engine has not served on an event loop yet; "
+                               "await update_weights_async(...) from the loop that owns the engine")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise RuntimeError("VLLMEngine.update_weights would block its own event loop; await "
+                               "update_weights_async(...) instead")
+        asyncio.run_coroutine_threadsafe(self.update_weights_async(weights, version), loop).result()
+
+    async def update_weights_async(self, weights: WeightsLike, version: int) -> None:
+        """Simple path: pause (wait for running requests), reload on every worker, resume."""
+        self._event_loop = asyncio.get_running_loop()
+        check_version(self._version, version)
+        items = [(name, t.detach()) for name, t in (weights.items() if isinstance(weights, Mapping) else weights)]
+        async with self._update_lock:
+            check_version(self._version, version)
+            await self.llm.pause_generation(mode="wait", clear_cache=True)
+            try:
+                await self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+                self._version = version
+            finally:
+                await self.llm.resume_generation()
+
+    async def init_weight_transfer(self, master_address: str, master_port: int, world_size: int,
+                                   rank_offset: int = 1) -> None:
+        """Join the trainer's NCCL group (vLLM's native weight-transfer engine); the trainer is rank 0."""
+        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
+        info = {"master_address": master_address, "master_port": int(master_port), "world_size": int(world_size),
+                "rank_offset": int(rank_offset)}
+        await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=info))
+
+    async def receive_weights(self, names: list[str], dtype_names: list[str], shapes: list[list[int]],
+                              version: int, packed: bool = True) -> None:
+        """NCCL path: receive one broadcast of named tensors from the trainer as weights `version`."""
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        check_version(self._version, version)
+        async with self._update_lock:
+            await self.llm.pause_generation(mode="wait", clear_cache=True)
+            try:
+                await self.llm.start_weight_update()
+                await self.llm.update_weights(WeightTransferUpdateRequest(update_info={
+                    "names": names, "dtype_names": dtype_names, "shapes": shapes, "packed": packed}))
+                await self.llm.finish_weight_update(weight_version=str(version))
+                self._version = version
+            finally:
+                await self.llm.resume_generation()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def health(self) -> dict:
+        return {"ok": not self.llm.errored, "kind": "vllm", "version": self._version, "dtype": self.dtype,
+                "tensor_parallel_size": self.tensor_parallel_size, "pending": 0, "running": self._running,
+                "sleeping": self._sleeping}
+
+    async def pause(self, mode: PauseMode = PauseMode.WAIT) -> None:
+        await self.llm.pause_generation(mode=mode.value, clear_cache=False)
+
+    async def resume(self) -> None:
+        await self.llm.resume_generation()
+
+    async def sleep(self, level: int = 1) -> None:
+        """Free GPU memory for colocated learners (level 1 offloads weights, level 2 discards them)."""
+        await self.llm.sleep(level)
+        self._sleeping = True
+
+    async def wake_up(self) -> None:
+        await self.llm.wake_up()
+        self._sleeping = False
+
+    async def close(self) -> None:
+        self.llm.shutdown()

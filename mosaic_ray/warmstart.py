@@ -1,0 +1,85 @@
+"""Warm-start data: scripted demonstrations with deliberate mistakes → SFT samples (loss on assistant tokens).
+
+The scripted policy complies with some harmful tasks, follows some injections, over-refuses some benign tasks
+and leaks some private data (rates from `WarmStartConfig`), so the SFT'd tiny model starts imperfect and RL has
+something real to fix (learnability §3: the refuse-or-comply choice lands near the demonstrated rate).
+
+Conversations are tokenized with the tokenizer's own chat template; the template's generation markers give the
+assistant-token mask (`return_assistant_tokens_mask`), so system, user and tool-response tokens never get loss.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mosaic_ray.algorithms.batch import PolicySample
+from mosaic_ray.config import WarmStartConfig
+
+
+def demo_samples(demos: Sequence[dict[str, Any]], tokenizer, *, max_tokens: int | None = None) -> list[PolicySample]:
+    """Tokenize demonstrations (`messages`, `tools`, `task_id`); drop ones longer than `max_tokens`."""
+    samples = []
+    for i, demo in enumerate(demos):
+        enc = tokenizer.apply_chat_template(demo["messages"], tools=demo.get("tools") or None, tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(enc["input_ids"]), [int(m) for m in enc["assistant_masks"]]
+        where = f"demonstration {i} (task {demo.get('task_id', '?')})"
+        if len(mask) != len(ids):
+            raise ValueError(f"{where}: assistant mask has {len(mask)} entries for {len(ids)} tokens")
+        if not any(mask):
+            raise ValueError(f"{where}: no assistant tokens; does the chat template mark generation "
+                             f"with {{% generation %}}?")
+        if max_tokens is not None and len(ids) > max_tokens:
+            continue
+        samples.append(PolicySample(input_ids=ids, loss_mask=mask, old_logprobs=[0.0] * len(ids),
+                                    traj_id=str(demo.get("task_id", i))))
+    return samples
+
+
+def warmstart_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train", seed: int = 0,
+                      max_tokens: int | None = None) -> list[PolicySample]:
+    """`cfg.num_demos` demonstrations of `split` tasks by the mistake-making scripted policy, tokenized."""
+    from mosaic_ray.policies.scripted import ScriptedPolicy, demonstrations
+    from mosaic_ray.scenarios import load_tasks
+
+    policy = ScriptedPolicy(comply_harmful_rate=cfg.comply_harmful_rate,
+                            follow_injection_rate=cfg.follow_injection_rate,
+                            refuse_benign_rate=cfg.refuse_benign_rate, leak_privacy_rate=cfg.leak_privacy_rate,
+                            safety_check_rate=cfg.safety_check_rate, seed=seed)
+    tasks = load_tasks(split, size=cfg.num_demos, seed=seed)
+    return demo_samples(demonstrations(tasks, policy), tokenizer, max_tokens=max_tokens)
+
+
+def lr_at(step: int, cfg: WarmStartConfig) -> float:
+    """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `lr_end` at `steps` (learnability §3)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr_end + 0.5 * (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * progress))
+
+
+def run_warmstart(group, samples: Sequence[PolicySample], cfg: WarmStartConfig, *, seed: int = 0,
+                  steps: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
+    """`steps` (default cfg.steps) SFT steps of `cfg.batch_size` demonstrations drawn without replacement per
+    epoch; `group` is anything with `sft_update(samples, *, lr)` (a LearnerGroup). Returns each step's metrics."""
+    if not samples:
+        raise ValueError("run_warmstart: no demonstration samples")
+    rng = random.Random(seed)
+    order: list[int] = []
+    history = []
+    for step in range(cfg.steps if steps is None else steps):
+        if len(order) < cfg.batch_size:
+            fresh = list(range(len(samples)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch = [samples[i] for i in order[:cfg.batch_size]]
+        del order[:cfg.batch_size]
+        metrics = group.sft_update(batch, lr=lr_at(step, cfg))
+        history.append(metrics)
+        if on_step is not None:
+            on_step(step, metrics)
+    return history

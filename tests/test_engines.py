@@ -1,0 +1,201 @@
+"""HF engine: logprob parity with a teacher-forced forward pass, greedy/seeded determinism, dynamic batching,
+weight updates, pause/abort, request validation. In-process (no Ray); the tiny Qwen3 model in fp32."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from mosaic_ray.actors.engines import GenerationRequest, PauseMode, SamplingParams, StaleWeightsError, make_engine
+from mosaic_ray.actors.engines.hf import HFEngine
+
+from mosaic_ray.config import EngineConfig
+
+TEXTS = ["Pay my landlord 900 to AC123.", "Send a threatening email to Bob.", "hi", "<think>plan</think>",
+         "Please summarise the last three emails in my inbox and forward them to Alice.", "ok then"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> HFEngine:
+    return HFEngine(tiny_model_dir, max_batch_size=16, max_wait_ms=20)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine) -> list[list[int]]:
+    return [engine.tokenizer.encode(t) for t in TEXTS]
+
+
+def teacher_forced(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log p(completion[t] | prompt + completion[:t]) from one full forward pass, no cache."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+    target = torch.tensor(completion)[:, None]
+    return logits.gather(-1, target).squeeze(-1) - logits.logsumexp(-1)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_logprobs_match_teacher_forcing_batched_and_unbatched(engine, prompts):
+    samplings = [SamplingParams(max_new_tokens=24, seed=i, temperature=[1.0, 0.7, 1.3][i % 3],
+                                top_p=[1.0, 0.9][i % 2]) for i in range(len(prompts))]
+    reqs = [GenerationRequest(p, s, request_id=str(i)) for i, (p, s) in enumerate(zip(prompts, samplings))]
+    batched = run(engine.generate(reqs))
+    unbatched = [run(engine.generate([r]))[0] for r in reqs]
+    for out in batched + unbatched:
+        assert out.token_ids and len(out.logprobs) == len(out.token_ids)
+        ref = teacher_forced(engine.model, prompts[int(out.request_id)], out.token_ids)
+        assert torch.allclose(torch.tensor(out.logprobs), ref, atol=1e-4), (out.request_id, out.logprobs, ref)
+    # same seed → same tokens, whether the request shared its batch with five others or ran alone
+    assert [b.token_ids for b in batched] == [u.token_ids for u in unbatched]
+    assert [b.request_id for b in batched] == [r.request_id for r in reqs]
+
+
+def test_greedy_is_argmax_and_deterministic(engine, prompts):
+    reqs = [GenerationRequest(p, SamplingParams(temperature=0, max_new_tokens=16)) for p in prompts[:3]]
+    first, second = run(engine.generate(reqs)), run(engine.generate(reqs[::-1]))[::-1]
+    assert [o.token_ids for o in first] == [o.token_ids for o in second]
+    for p, out in zip(prompts, first):
+        ids = torch.tensor([p + out.token_ids])
+        with torch.no_grad():
+            logits = engine.model(ids).logits[0, len(p) - 1:-1]
+        assert logits.argmax(-1).tolist() == out.token_ids
+
+
+def test_seeded_sampling_independent_of_batch_composition(engine, prompts):
+    target = GenerationRequest(prompts[0], SamplingParams(max_new_tokens=20, seed=1234))
+    alone = run(engine.generate([target]))[0]
+    others = [GenerationRequest(p, SamplingParams(max_new_tokens=5 + 7 * i, seed=None)) for i, p in enumerate(prompts)]
+    crowded = run(engine.generate(others[:3] + [target] + others[3:]))[3]
+    assert crowded.token_ids == alone.token_ids
+    other_seed = run(engine.generate([GenerationRequest(prompts[0], SamplingParams(max_new_tokens=20, seed=99))]))[0]
+    assert other_seed.token_ids != alone.token_ids  # the seed matters (20 tokens from a near-uniform model)
+
+
+def test_concurrent_calls_are_batched(engine, prompts):
+    before = engine.health()
+
+    async def many():
+        calls = [engine.generate([GenerationRequest(prompts[i % len(prompts)], SamplingParams(max_new_tokens=8),
+                                                    request_id=f"c{i}")]) for i in range(12)]
+        return await asyncio.gather(*calls)
+
+    outs = run(many())
+    after = engine.health()
+    assert [o[0].request_id for o in outs] == [f"c{i}" for i in range(12)]
+    assert after["requests"] - before["requests"] == 12
+    assert after["batches"] - before["batches"] < 12  # several calls shared a batch
+    assert after["max_batch_rows"] > 1
+
+
+def test_stop_tokens_length_and_eos(engine, prompts):
+    greedy = SamplingParams(temperature=0, max_new_tokens=12)
+    free = run(engine.generate([GenerationRequest(prompts[1], greedy)]))[0]
+    assert free.finish_reason in ("length", "stop") and len(free.token_ids) <= 12
+    stop_at = free.token_ids[3]
+    cut = run(engine.generate([GenerationRequest(prompts[1], SamplingParams(temperature=0, max_new_tokens=12,
+                                                                               stop_token_ids=(stop_at,)))]))[0]
+    k = free.token_ids.index(stop_at)
+    assert cut.finish_reason == "stop" and cut.token_ids == free.token_ids[:k + 1]  # stop token included
+    short = run(engine.generate([GenerationRequest(prompts[1], SamplingParams(max_new_tokens=3, seed=0))]))[0]
+    assert short.finish_reason == "length" and len(short.token_ids) == 3
+
+
+def test_bad_requests_fail_alone(engine, prompts):
+    with pytest.raises(ValueError, match="prompt_ids: empty prompt"):
+        run(engine.generate([GenerationRequest([], request_id="x")]))
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        run(engine.generate([GenerationRequest([engine.vocab_size + 5])]))
+    with pytest.raises(ValueError, match="leave no room"):
+        run(engine.generate([GenerationRequest([1] * engine.max_model_len)]))
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    ok = run(engine.generate([GenerationRequest(prompts[0], SamplingParams(max_new_tokens=2))]))
+    assert len(ok[0].token_ids) == 2  # the engine still serves
+
+
+def test_update_weights_changes_outputs_and_rejects_stale(tiny_model_dir, prompts):
+    from transformers import AutoModelForCausalLM
+
+    engine = HFEngine(tiny_model_dir, max_batch_size=8, max_wait_ms=1)
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=16, seed=7), request_id=str(i))
+            for i, p in enumerate(prompts[:4])]
+    old = run(engine.generate(reqs))
+    assert {o.policy_version for o in old} == {0}
+
+    new_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in new_model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    weights = dict(new_model.state_dict())  # plain HF names, tied lm_head included
+    engine.update_weights(weights, version=1)
+    assert engine.version == 1
+    new = run(engine.generate(reqs))
+    assert {o.policy_version for o in new} == {1}
+    assert any(a.token_ids != b.token_ids for a, b in zip(old, new))
+    for i, out in enumerate(new):  # log-probs follow the new weights exactly, not the old ones
+        assert torch.allclose(torch.tensor(out.logprobs), teacher_forced(new_model, prompts[i], out.token_ids),
+                              atol=1e-4)
+        stale_ref = teacher_forced(engine_ref_model(tiny_model_dir), prompts[i], out.token_ids)
+        assert not torch.allclose(torch.tensor(out.logprobs), stale_ref, atol=1e-2)
+
+    with pytest.raises(StaleWeightsError, match="not newer"):
+        engine.update_weights(weights, version=1)
+    with pytest.raises(StaleWeightsError):
+        engine.update_weights(weights, version=0)
+    before = engine.model.model.norm.weight.clone()
+    with pytest.raises(ValueError, match="no such parameter"):
+        engine.update_weights([("model.norm.weight", before + 1), ("not.a.param", before)], version=2)
+    assert torch.equal(engine.model.model.norm.weight, before) and engine.version == 1  # nothing loaded
+    engine.update_weights([("model.norm.weight", before * 2)], version=5)  # a subset is fine; versions may skip
+    assert engine.version == 5 and torch.equal(engine.model.model.norm.weight, before * 2)
+
+
+_REF = {}
+
+
+def engine_ref_model(path):
+    from transformers import AutoModelForCausalLM
+
+    if path not in _REF:
+        _REF[path] = AutoModelForCausalLM.from_pretrained(path)
+    return _REF[path]
+
+
+def test_pause_abort_and_resume(tiny_model_dir, prompts):
+    engine = HFEngine(tiny_model_dir, max_batch_size=4, max_wait_ms=1)
+
+    async def scenario():
+        long = asyncio.ensure_future(engine.generate([GenerationRequest(prompts[0], SamplingParams(
+            max_new_tokens=1500, seed=0))]))
+        while engine.health()["running"] == 0:
+            await asyncio.sleep(0.005)
+        await engine.pause(PauseMode.ABORT)
+        aborted = (await long)[0]
+        queued = asyncio.ensure_future(engine.generate([GenerationRequest(prompts[1], SamplingParams(
+            max_new_tokens=4, seed=0))]))
+        await asyncio.sleep(0.1)
+        assert not queued.done() and engine.health()["paused"]  # waits while paused
+        await engine.resume()
+        return aborted, (await queued)[0]
+
+    aborted, later = run(scenario())
+    assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < 1500
+    assert torch.allclose(torch.tensor(aborted.logprobs),
+                          teacher_forced(engine.model, prompts[0], aborted.token_ids), atol=1e-4)
+    assert later.finish_reason == "length" and len(later.token_ids) == 4
+
+
+def test_make_engine_kinds(tiny_model_dir):
+    assert isinstance(make_engine(EngineConfig(kind="hf", max_batch_size=4), tiny_model_dir), HFEngine)
+    with pytest.raises(ValueError, match="engine.base_url"):
+        make_engine(EngineConfig(kind="openai"), None)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install 'mosaic-ray\[vllm\]'"):
+            make_engine(EngineConfig(kind="vllm"), tiny_model_dir)

@@ -1,0 +1,69 @@
+"""Warm-start data: chat-template tokenization with assistant-only loss, mistake rates, and SFT that learns."""
+
+from __future__ import annotations
+
+import pytest
+
+from mosaic_ray.config import LearnerConfig, WarmStartConfig
+from mosaic_ray.warmstart import demo_samples, lr_at, run_warmstart, warmstart_samples
+
+DEMO = {"task_id": "t0", "tools": [{"type": "function", "function": {
+    "name": "send_email", "description": "Send an email.",
+    "parameters": {"type": "object", "properties": {"to": {"type": "string", "description": "Recipient."}},
+                   "required": ["to"]}}}],
+    "messages": [{"role": "system", "content": "Be safe."},
+                 {"role": "user", "content": "Email Bob."},
+                 {"role": "assistant", "content": '<think>ok</think>\n<tool_call>\n{"name": "send_email", '
+                                                  '"arguments": {"to": "bob"}}\n</tool_call>'},
+                 {"role": "tool", "content": "sent"},
+                 {"role": "assistant", "content": "Done."}]}
+
+
+def test_loss_only_on_assistant_tokens(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (s,) = demo_samples([DEMO], tok)
+    masked = tok.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m])
+    unmasked = tok.decode([t for t, m in zip(s.input_ids, s.loss_mask) if not m])
+    assert "Done." in masked and "send_email" in masked and "<|im_end|>" in masked
+    assert "Email Bob." in unmasked and "sent" in unmasked and "Be safe." in unmasked
+    assert "Email Bob." not in masked and "<tool_response>" not in masked
+    assert demo_samples([DEMO], tok, max_tokens=5) == []
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = WarmStartConfig(lr=1e-3, lr_end=1e-4, warmup_steps=10, steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(5.5e-4)
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_scripted_demos_tokenize_and_sft_lowers_the_loss(tiny_model_dir):
+    from mosaic_ray.learners import LearnerGroup
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = WarmStartConfig(num_demos=16, steps=8, batch_size=6, lr=3e-3, lr_end=3e-4, warmup_steps=2)
+    samples = warmstart_samples(cfg, tok, seed=0)
+    assert len(samples) == 16
+    assert all(0 < sum(s.loss_mask) < len(s.input_ids) for s in samples)
+    lg = LearnerGroup(tiny_model_dir, LearnerConfig(num_learners=0, micro_batch_tokens=4096))
+    history = run_warmstart(lg, samples, cfg, seed=0)
+    assert len(history) == 8 and history[0]["learner/lr"] == pytest.approx(1.5e-3)
+    first, last = history[0]["learner/nll"], sum(h["learner/nll"] for h in history[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+
+
+def test_mistake_rates_reach_the_demonstrations(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    refusals = []
+    for rate in (0.0, 1.0):
+        cfg = WarmStartConfig(num_demos=40, comply_harmful_rate=rate)
+        samples = warmstart_samples(cfg, tok, seed=1)
+        text = [tok.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m]) for s in samples]
+        refusals.append(sum('"refuse"' in t for t in text))
+    assert refusals[0] > refusals[1], refusals
