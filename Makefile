@@ -23,9 +23,10 @@ install: $(VENV)/.torch
 
 install-dev: $(VENV)/.torch
 	$(PIP) install -q -e '.[dev,bench]'
+	PYTHON=$(PY) bash benchmarks/install_bfcl.sh >/dev/null
 
 run: install
-	$(VENV)/bin/mosaic-ray model init --out runs/tiny-model-$$(date +%s)
+	$(VENV)/bin/mosaic-ray train
 
 test: install-dev
 	$(PY) -m pytest -q

@@ -1,0 +1,133 @@
+"""`mosaic-ray train` and the `model:DIR` evaluation policy.
+
+Ray: when `ray.address` or `RAY_ADDRESS` is set (as under `ray job submit`) the driver connects to that cluster;
+otherwise it starts a local Ray and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from mosaic_ray.config import MosaicConfig, load_config
+
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+              "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(cfg: MosaicConfig) -> None:
+    """Connect to `ray.address` / RAY_ADDRESS, or start a local Ray with single-threaded workers."""
+    import ray
+
+    from mosaic_ray.driver.train import _aws_env
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": {**WORKER_ENV, **_aws_env()}}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if cfg.ray.auth_mode:
+        os.environ.setdefault("RAY_AUTH_MODE", cfg.ray.auth_mode)
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=cfg.ray.include_dashboard,
+                 runtime_env=runtime_env, log_to_driver=True)
+
+
+def _train_cmd(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    from mosaic_ray.driver.train import Trainer
+    from mosaic_ray.hygiene import set_torch_threads
+    from mosaic_ray.storage import RunStorage
+
+    set_torch_threads(1)
+    if args.resume:
+        run_dir = args.resume
+        import yaml
+
+        from mosaic_ray.config import from_dict
+
+        cfg = from_dict(yaml.safe_load(RunStorage(run_dir).get_text("config.yaml")))
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = args.run_dir or cfg.run_dir or os.path.join("runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    init_ray(cfg)
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=False if args.quiet else None)
+    try:
+        report = trainer.run()
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with: mosaic-ray train --resume {run_dir}", file=sys.stderr)
+        return 130
+    print_summary(report, run_dir)
+    return 0
+
+
+def print_summary(report: dict[str, Any], run_dir: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"MOSAIC-Ray {report['config']}: held-out before (warm start) → after "
+                        f"({report['iterations']} iterations, {report['wall_time_s']:.0f} s)")
+    for col in ("metric", "before", "after", "change"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for key, before in report["before"].items():
+        after = report["after"].get(key)
+        table.add_row(key, f"{before:.3f}", "" if after is None else f"{after:.3f}",
+                      "" if after is None else f"{after - before:+.3f}")
+    Console().print(table)
+    print(f"run directory: {run_dir} (report.md, report.json, curves.png, metrics.jsonl, checkpoints/)")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="run the MOSAIC training loop (default: the embedded tiny-cpu run)")
+    p.add_argument("--config", default="tiny-cpu", help="preset name or YAML path (default tiny-cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
+    p.add_argument("--run-dir", default=None, help="local path or s3://bucket/prefix (default runs/NAME-TIME)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train_cmd)
+
+
+# ------------------------------------------------------------------------------- `eval --policy model:DIR`
+
+
+def model_runner(path: str):
+    """Runner for `mosaic-ray eval --policy model:DIR|s3://...`: HF engine actors + the rollout fleet, greedy."""
+    if not path:
+        raise ValueError("policy model:DIR: give a model directory or s3:// URI, e.g. model:runs/x/checkpoints/iter-00009")
+
+    def run(tasks: list[Any], protocol_cfg: Any) -> list[tuple[Any, Any]]:
+        from dataclasses import replace
+
+        from mosaic_ray.actors.engines.actor import start_engine_actors
+        from mosaic_ray.actors.fleet import RolloutFleet
+        from mosaic_ray.driver.train import resolve_model_dir
+
+        cfg = load_config("tiny-cpu", [f"model.path={path}"])
+        cfg = replace(cfg, protocol=protocol_cfg)
+        init_ray(cfg)
+        model_dir = resolve_model_dir(cfg)
+        engines = start_engine_actors(cfg.engine, model_dir, dtype=cfg.model.dtype)
+        fleet = RolloutFleet(cfg, model_dir=model_dir, engine_handles=engines, run_id="eval")
+        try:
+            by_id = {t.task_id: t for t in tasks}
+            records = list(fleet.evaluate(tasks, temperature=0.0))
+        finally:
+            fleet.shutdown()
+        return [(by_id[r.task_id], r.outcome) for r in records]
+
+    return run
+
+
+def _register_model_policy() -> None:
+    from mosaic_ray.evaluation import POLICY_RESOLVERS
+
+    POLICY_RESOLVERS.setdefault("model", model_runner)
+
+
+_register_model_policy()
