@@ -326,10 +326,16 @@ class Trainer:
         return rep
 
     def shutdown(self) -> None:
+        """End every actor this run started (a shared cluster keeps no leftovers)."""
+        import ray
+
         for name in ("fleet", "learner"):
             obj = getattr(self, name, None)
             if obj is not None:
                 obj.shutdown()
+        for handle in [*getattr(self, "engines", []), getattr(self, "pairs", None)]:
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
 
     # -------------------------------------------------------------------------------------------- display
 
