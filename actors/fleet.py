@@ -1,0 +1,575 @@
+"""`RolloutFleet`: N rollout workers behind one driver-side object — streaming, fault tolerant, elastic.
+
+Modelled on RLlib's `FaultTolerantActorManager`: every remote call comes back as a `CallResult(worker_id,
+ok, value | error)`, never as an exception; a Ray error (the actor or its node died) marks the worker dead,
+while an application error is the caller's to handle. Each worker gets at most `max_in_flight_per_worker`
+episodes at a time.
+
+Data plane (the caller's thread, inside `stream` / `evaluate`):
+    queue of `EpisodeSpec`s ─dispatch─► worker.run_episode (one call per episode) ─ray.wait─► records
+Records are yielded as soon as their episodes finish, as Arrow record batches of `TRAJECTORY_SCHEMA`.
+
+Exactly once: trajectory ids are deterministic (run/iteration/task/sample). When a worker dies, the episodes
+it had in flight go back to the front of the queue (same spec, same id, same per-turn seeds) and run on
+another worker; a record whose id was already emitted is dropped. An episode whose worker dies more than
+`max_episode_retries` times is emitted as a failed record (terminal `error`), so a poison task cannot stall
+an iteration and its group stays complete.
+
+Control plane (a daemon thread every `control_interval_s`, plus `scale_to`): admits started workers,
+replaces dead ones, and resizes the fleet. It never waits on an episode and the data plane never waits on it:
+starting an actor is a non-blocking `.remote()`, a new worker joins dispatch when its `ready()` resolves,
+and a retired worker first drains its in-flight episodes. Policy (`rollout.autoscale`):
+
+- up by one when the queue is longer than `scale_up_queue_per_worker` × healthy workers, no worker is still
+  starting and `ray.available_resources()` fits one more worker — so a node that joins mid-run gets workers
+  without a restart (Ray places the new actor where the free resources are);
+- down by one when the queue is empty and a worker has been idle for `idle_scale_down_s` (never below
+  `min_workers`);
+- a dead worker is replaced while the cluster still fits it (or the fleet is below `min_workers`); when its
+  resources went away with its node, the fleet shrinks instead of queueing actors that cannot start;
+- with `request_autoscaler`, the wanted worker count is sent to `ray.autoscaler.sdk.request_resources`, so
+  a real cluster adds nodes for the backlog (the rollout node-type resource comes from `actor_options`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+import ray
+
+from mosaic_ray.config import MosaicConfig
+from mosaic_ray.rollout import EpisodeSpec, episode_specs, failed_record
+from mosaic_ray.schema import TrajectoryRecord, to_arrow
+
+from .engines.router import EngineRouter
+from .rollout_worker import RolloutWorker
+
+__all__ = ["CallResult", "FleetError", "RolloutFleet", "WorkerInfo"]
+
+log = logging.getLogger(__name__)
+
+START_FAILURES_FATAL = 3
+"""Workers that die before ever becoming ready, in a row, after which the fleet gives up (bad model dir, …)."""
+POLL_S = 0.2
+"""Longest the data plane waits for a result before re-dispatching (new workers, requeued episodes)."""
+CONTROL_CALL_TIMEOUT_S = 60.0
+
+
+class FleetError(RuntimeError):
+    """The fleet cannot make progress (no worker could be started); the message says why."""
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """One remote call's outcome: `value` when `ok`, else `error` (a message naming the exception)."""
+
+    worker_id: str
+    ok: bool
+    value: Any = None
+    error: str | None = None
+
+    def get(self) -> Any:
+        if not self.ok:
+            raise FleetError(f"worker {self.worker_id}: {self.error}")
+        return self.value
+
+
+WorkerState = Literal["starting", "healthy", "draining"]
+
+
+@dataclass
+class WorkerInfo:
+    """Driver-side book-keeping of one worker actor."""
+
+    worker_id: str
+    handle: Any
+    ready_ref: Any
+    state: WorkerState = "starting"
+    node_id: str | None = None
+    in_flight: dict[Any, EpisodeSpec] = field(default_factory=dict)
+    """ObjectRef of a `run_episode` call → its spec."""
+    idle_since: float = field(default_factory=time.monotonic)
+    router_version: int = 0
+    """Which `set_engines` call the worker's router reflects (a worker started before one gets it on ready)."""
+
+
+def _is_application_error(exc: BaseException) -> bool:
+    """An exception raised by the worker's code (the actor is alive), as opposed to the actor/node dying."""
+    return isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc, ray.exceptions.RayActorError)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
+
+
+class RolloutFleet:
+    """Rollout workers for one run. Exactly one policy source: `engine_handles` (engine actors), `router` (an
+    `EngineRouter`), or `scripted` (a scripted policy name; `scripted_delay_s` simulates generation latency).
+
+        fleet = RolloutFleet(cfg, model_dir=d, engine_handles=engines, run_id="run-1")
+        for batch in fleet.stream(tasks, group_size=4, iteration=k, policy_version=v):
+            ...   # pa.RecordBatch of TRAJECTORY_SCHEMA, as episodes finish
+        fleet.shutdown()
+    """
+
+    def __init__(self, cfg: MosaicConfig, *, model_dir: str, engine_handles: Sequence[Any] | None = None,
+                 router: EngineRouter | None = None, scripted: str | None = None, scripted_delay_s: float = 0.0,
+                 run_id: str = "run", num_workers: int | None = None):
+        sources = [engine_handles is not None, router is not None, scripted is not None]
+        if sum(sources) != 1:
+            raise ValueError("RolloutFleet: pass exactly one of engine_handles=, router= or scripted=")
+        if not ray.is_initialized():
+            raise FleetError("RolloutFleet: Ray is not initialised (ray.init first; the fleet never starts Ray)")
+        self.cfg = cfg
+        self.rc = cfg.rollout
+        self.model_dir = str(model_dir)
+        self.run_id = run_id
+        self._router = EngineRouter(engine_handles) if engine_handles is not None else router
+        self._scripted = scripted
+        self._router_version = 0
+        self._scripted_delay_s = scripted_delay_s
+        self._cap = self.rc.max_in_flight_per_worker or self.rc.episodes_per_worker
+        self._lock = threading.RLock()
+        self._workers: dict[str, WorkerInfo] = {}
+        self._owner: dict[Any, str] = {}
+        self._queue: deque[EpisodeSpec] = deque()
+        self._wanted: set[str] = set()
+        self._emitted: set[str] = set()
+        self._failed: list[TrajectoryRecord] = []
+        self._next_id = 0
+        self._start_failures = 0
+        self._fatal: str | None = None
+        self._requested_workers: int | None = None
+        self.counters = {"workers_started": 0, "worker_deaths": 0, "retries": 0, "duplicates_dropped": 0,
+                         "stale_dropped": 0, "failed_episodes": 0, "episodes": 0}
+        self._gauges = self._make_gauges()
+        self._options = self._worker_options()
+        initial = num_workers if num_workers is not None else max(self.rc.min_workers, 1)
+        self._target = max(0, min(initial, self.rc.max_workers))
+        self._reconcile(resources_fit=lambda k: True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._control_loop, name="rollout-fleet-control", daemon=True)
+        self._thread.start()
+
+    def __reduce__(self):
+        raise TypeError("RolloutFleet lives in the driver (threads, actor book-keeping); pass engine handles or "
+                        "an EngineRouter to remote code instead")
+
+    # ------------------------------------------------------------------------------------ data plane
+
+    def stream(self, tasks: Iterable[Any], *, group_size: int, iteration: int, policy_version: int = 0,
+               temperature: float | None = None) -> Iterator[pa.RecordBatch]:
+        """Run `group_size` episodes of every task; yield Arrow record batches as episodes finish.
+
+        Every trajectory id `run_id/iteration/task_id/sample_idx` is yielded exactly once, including when
+        workers die mid-run. Breaking out of the loop abandons the rest (their late results are dropped)."""
+        specs = episode_specs(tasks, group_size=group_size, run_id=self.run_id, iteration=iteration,
+                              policy_version=policy_version, temperature=temperature)
+        for records in self._run(specs):
+            yield from to_arrow(records).to_batches()
+
+    def evaluate(self, tasks: Iterable[Any], *, temperature: float | None = 0.0, policy_version: int = 0,
+                 tag: str = "eval") -> Iterator[TrajectoryRecord]:
+        """One episode per task (greedy by default) under run id `{run_id}/eval-{tag}`, iteration -1; yields
+        records as they finish (no Arrow round trip)."""
+        specs = episode_specs(tasks, group_size=1, run_id=f"{self.run_id}/eval-{tag}", iteration=-1,
+                              policy_version=policy_version, temperature=temperature)
+        for records in self._run(specs):
+            yield from records
+
+    def run_specs(self, specs: Sequence[EpisodeSpec]) -> Iterator[list[TrajectoryRecord]]:
+        """Lowest-level verb: run exactly these specs, yielding lists of records as they finish."""
+        return self._run(list(specs))
+
+    def _run(self, specs: list[EpisodeSpec]) -> Iterator[list[TrajectoryRecord]]:
+        ids = [s.traj_id for s in specs]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"RolloutFleet: trajectory id {dup!r} submitted twice (duplicate task ids?)")
+        with self._lock:
+            if self._wanted:
+                raise FleetError("RolloutFleet: another stream is still running; finish or close it first")
+            self._queue.extend(specs)
+            self._wanted = set(ids)
+            self._emitted = set()
+        try:
+            while True:
+                with self._lock:
+                    if not self._wanted:
+                        return
+                    if self._fatal:
+                        raise FleetError(self._fatal)
+                    if not self._workers and self._target == 0 and not self.rc.autoscale:
+                        raise FleetError("RolloutFleet: no workers and autoscale is off; call scale_to(n > 0) or "
+                                         "set rollout.autoscale")
+                self._dispatch()
+                records = self._collect(POLL_S)
+                if records:
+                    yield records
+        finally:
+            with self._lock:
+                self._queue.clear()
+                self._wanted = set()
+
+    def _dispatch(self) -> None:
+        """Send queued episodes to healthy workers, least loaded first, up to the in-flight cap each."""
+        with self._lock:
+            workers = sorted((w for w in self._workers.values() if w.state == "healthy"),
+                             key=lambda w: len(w.in_flight))
+            for w in workers:
+                while self._queue and len(w.in_flight) < self._cap:
+                    spec = self._queue.popleft()
+                    ref = w.handle.run_episode.remote(spec)
+                    w.in_flight[ref] = spec
+                    self._owner[ref] = w.worker_id
+
+    def _collect(self, timeout: float) -> list[TrajectoryRecord]:
+        """Wait up to `timeout` for finished episodes (or workers becoming ready); return new records."""
+        with self._lock:
+            refs = list(self._owner) + [w.ready_ref for w in self._workers.values() if w.state == "starting"]
+        if not refs:
+            time.sleep(min(timeout, 0.05))  # nothing to wait on: the control thread is (re)starting workers
+            return []
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if not ready:
+            return []
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        self._admit_ready()
+        results: list[tuple[EpisodeSpec, CallResult]] = []
+        with self._lock:
+            taken = []
+            for ref in ready:
+                wid = self._owner.pop(ref, None)
+                worker = self._workers.get(wid) if wid else None
+                if worker is not None:
+                    taken.append((ref, worker, worker.in_flight.pop(ref)))
+                    if not worker.in_flight:
+                        worker.idle_since = time.monotonic()
+        for ref, worker, spec in taken:
+            try:
+                results.append((spec, CallResult(worker.worker_id, True, ray.get(ref))))
+            except Exception as exc:  # noqa: BLE001 - a failure is a value (RLlib's CallResult)
+                results.append((spec, CallResult(worker.worker_id, False, error=_describe(exc))))
+                if not _is_application_error(exc):
+                    with self._lock:
+                        self._mark_dead(worker, _describe(exc))
+        records = []
+        with self._lock:
+            for spec, result in sorted(results, key=lambda r: not r[1].ok):  # keep finished work first
+                if result.ok:
+                    if self._accept(result.value):
+                        records.append(result.value)
+                else:
+                    self._requeue(spec, result.error or "unknown error", result.worker_id)
+            records += self._take_failed()
+        return records
+
+    def _accept(self, rec: TrajectoryRecord) -> bool:
+        if rec.traj_id in self._emitted:
+            self.counters["duplicates_dropped"] += 1
+            return False
+        if rec.traj_id not in self._wanted:
+            self.counters["stale_dropped"] += 1
+            return False
+        self._wanted.discard(rec.traj_id)
+        self._emitted.add(rec.traj_id)
+        self.counters["episodes"] += 1
+        return True
+
+    def _requeue(self, spec: EpisodeSpec, why: str, worker_id: str) -> None:
+        """Put an episode back at the front of the queue, or emit it failed after too many attempts."""
+        if spec.traj_id not in self._wanted:
+            return
+        if spec.attempt >= self.rc.max_episode_retries:
+            self._failed.append(failed_record(spec, f"gave up after {spec.attempt + 1} attempts; last: {why}",
+                                              worker_id))
+            self.counters["failed_episodes"] += 1
+            return
+        self.counters["retries"] += 1
+        self._queue.appendleft(dataclasses.replace(spec, attempt=spec.attempt + 1))
+
+    def _take_failed(self) -> list[TrajectoryRecord]:
+        out = [r for r in self._failed if self._accept(r)]
+        self._failed.clear()
+        return out
+
+    # --------------------------------------------------------------------------------- control plane
+
+    @property
+    def num_workers(self) -> int:
+        """Workers that are ready and take episodes (starting and draining ones excluded)."""
+        with self._lock:
+            return sum(1 for w in self._workers.values() if w.state == "healthy")
+
+    def worker_nodes(self) -> list[str]:
+        """Node id of each healthy worker (one entry per worker)."""
+        with self._lock:
+            return [w.node_id for w in self._workers.values() if w.state == "healthy" and w.node_id]
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """worker_id → {state, node_id, in_flight} for every live worker."""
+        with self._lock:
+            return {w.worker_id: {"state": w.state, "node_id": w.node_id, "in_flight": len(w.in_flight)}
+                    for w in self._workers.values()}
+
+    def worker_handles(self) -> dict[str, Any]:
+        """worker_id → actor handle (for fan-out calls and fault-injection tests)."""
+        with self._lock:
+            return {w.worker_id: w.handle for w in self._workers.values()}
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            states = [w.state for w in self._workers.values()]
+            return {**self.counters, "healthy": states.count("healthy"), "starting": states.count("starting"),
+                    "draining": states.count("draining"), "target": self._target, "queue": len(self._queue),
+                    "in_flight": len(self._owner)}
+
+    def scale_to(self, n: int) -> None:
+        """Resize to `n` workers (capped at max_workers) without waiting: new actors start in the background
+        and join when ready; surplus workers stop taking episodes and exit once drained. With autoscale on,
+        the policy may move the size again later."""
+        if n < 0:
+            raise ValueError(f"scale_to: n must be >= 0, got {n}")
+        with self._lock:
+            self._target = min(n, self.rc.max_workers)
+        self._reconcile(resources_fit=lambda k: True)
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change the scaling policy of a live fleet (`min_workers`, `max_workers`, `autoscale`,
+        `scale_up_queue_per_worker`, `idle_scale_down_s`, `request_autoscaler`); takes effect at the next
+        control step. E.g. `reconfigure(max_workers=64)` lets a grown cluster take more workers."""
+        allowed = {"min_workers", "max_workers", "autoscale", "scale_up_queue_per_worker", "idle_scale_down_s",
+                   "request_autoscaler"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise ValueError(f"reconfigure: rollout.{unknown[0]} cannot change on a live fleet "
+                             f"(allowed: {', '.join(sorted(allowed))})")
+        rc = dataclasses.replace(self.rc, **changes)
+        if not 0 <= rc.min_workers <= rc.max_workers or rc.max_workers < 1:
+            raise ValueError(f"reconfigure: need 0 <= rollout.min_workers <= rollout.max_workers and "
+                             f"max_workers >= 1, got min_workers={rc.min_workers}, max_workers={rc.max_workers}")
+        with self._lock:
+            self.rc = rc
+            self._target = max(rc.min_workers, min(self._target, rc.max_workers))
+
+    def wait_for_workers(self, n: int | None = None, timeout_s: float = 300.0) -> int:
+        """Block until `n` (default: the current target) workers are healthy; returns the healthy count.
+
+        For callers that want a warm fleet before timing something; `stream` never needs it (episodes start
+        on whichever workers are ready). Raises FleetError on timeout or when workers cannot start."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._admit_ready()
+            with self._lock:
+                want = self._target if n is None else n
+                healthy = sum(1 for w in self._workers.values() if w.state == "healthy")
+                if self._fatal:
+                    raise FleetError(self._fatal)
+            if healthy >= want:
+                return healthy
+            if time.monotonic() > deadline:
+                raise FleetError(f"wait_for_workers: {healthy} of {want} workers healthy after {timeout_s:.0f}s "
+                                 f"({self.stats()})")
+            time.sleep(0.1)
+
+    def set_engines(self, engine_handles: Sequence[Any]) -> list[CallResult]:
+        """Route new episodes over `engine_handles` (engines added or removed); running episodes finish on theirs."""
+        if self._router is None:
+            raise ValueError("set_engines: this fleet runs a scripted policy, not engines")
+        with self._lock:
+            self._router = EngineRouter(engine_handles)
+            self._router_version += 1
+            for w in self._workers.values():
+                if w.state == "healthy":  # they get the fan-out below; starting ones get it when ready
+                    w.router_version = self._router_version
+        return self.foreach_worker("set_router", self._router)
+
+    def foreach_worker(self, method: str, *args: Any, timeout_s: float = CONTROL_CALL_TIMEOUT_S) -> list[CallResult]:
+        """Call `method(*args)` on every healthy worker; one CallResult each (a dead worker is marked dead)."""
+        with self._lock:
+            workers = [w for w in self._workers.values() if w.state == "healthy"]
+        refs = [getattr(w.handle, method).remote(*args) for w in workers]
+        out = []
+        for w, ref in zip(workers, refs):
+            try:
+                out.append(CallResult(w.worker_id, True, ray.get(ref, timeout=timeout_s)))
+            except Exception as exc:  # noqa: BLE001 - a failure is a value
+                out.append(CallResult(w.worker_id, False, error=_describe(exc)))
+                if not _is_application_error(exc) and not isinstance(exc, ray.exceptions.GetTimeoutError):
+                    with self._lock:
+                        self._mark_dead(w, _describe(exc))
+        return out
+
+    def shutdown(self) -> None:
+        """Stop the control thread and every worker (by handle); clear any autoscaler request."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        with self._lock:
+            workers = list(self._workers.values())
+            self._workers.clear()
+            self._owner.clear()
+            self._queue.clear()
+        for w in workers:
+            ray.kill(w.handle, no_restart=True)
+        if self._requested_workers:
+            self._request_autoscaler(0)
+
+    def __enter__(self) -> RolloutFleet:  # noqa: PYI034 - the fleet is not subclassed
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ----------------------------------------------------------------------------- control internals
+
+    def _control_loop(self) -> None:
+        while not self._stop.wait(self.rc.control_interval_s):
+            try:
+                self._control_step()
+            except Exception:  # the control plane must outlive a failed GCS call (logged with its traceback)
+                log.exception("rollout fleet control step failed")
+
+    def _control_step(self) -> None:
+        self._admit_ready()
+        avail = ray.available_resources()
+        fit = self._fits(avail)
+        if self.rc.autoscale:
+            self._autoscale(fit)
+        self._reconcile(fit)
+        with self._lock:
+            self._gauges["queue"].set(len(self._queue))
+            self._gauges["workers"].set(sum(1 for w in self._workers.values() if w.state == "healthy"))
+
+    def _fits(self, avail: dict[str, float]):
+        """k → whether the cluster's free resources fit k more workers right now."""
+        bundle = self._bundle()
+
+        def fit(k: int) -> bool:
+            return all(avail.get(name, 0.0) + 1e-9 >= k * amount for name, amount in bundle.items())
+        return fit
+
+    def _bundle(self) -> dict[str, float]:
+        from mosaic_ray.resources import as_bundle
+
+        return as_bundle(self._options)
+
+    def _worker_options(self) -> dict[str, Any]:
+        from mosaic_ray.resources import actor_options
+
+        return actor_options("rollout", self.cfg)
+
+    def _autoscale(self, fit) -> None:
+        now = time.monotonic()
+        with self._lock:
+            live = [w for w in self._workers.values() if w.state in ("starting", "healthy")]
+            healthy = [w for w in live if w.state == "healthy"]
+            starting = len(live) - len(healthy)
+            backlog = len(self._queue)
+            if backlog and not live:
+                self._target = max(self._target, 1)
+            elif (backlog > self.rc.scale_up_queue_per_worker * max(len(healthy), 1)
+                  and len(live) < self.rc.max_workers and not starting and fit(1)):
+                self._target = len(live) + 1
+            elif not backlog and len(live) > self.rc.min_workers:
+                idle = [w for w in healthy if not w.in_flight and now - w.idle_since >= self.rc.idle_scale_down_s]
+                if idle:
+                    min(idle, key=lambda w: w.idle_since).state = "draining"  # the longest idle goes
+                    self._target = len(live) - 1
+            wanted = min(self.rc.max_workers, max(self.rc.min_workers, math.ceil(
+                (backlog + len(self._owner)) / max(self._cap, 1))))
+        if self.rc.request_autoscaler and wanted != self._requested_workers:
+            self._request_autoscaler(wanted)
+
+    def _request_autoscaler(self, n: int) -> None:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[self._bundle()] * n)
+        self._requested_workers = n
+
+    def _reconcile(self, resources_fit) -> None:
+        """Start or retire workers until the live count equals the target (see the module docstring)."""
+        with self._lock:
+            live = [w for w in self._workers.values() if w.state in ("starting", "healthy")]
+            missing = self._target - len(live)
+            if missing > 0:
+                k = max(self.rc.min_workers - len(live), 0)  # below the floor: start regardless of resources
+                while k < missing and (self.rc.request_autoscaler or resources_fit(k + 1)):
+                    k += 1
+                for _ in range(k):
+                    self._start_worker()
+                self._target = len(live) + k  # what could not start is capacity that is gone: shrink
+            elif missing < 0:
+                order = sorted(live, key=lambda w: (w.state == "healthy", len(w.in_flight), w.idle_since))
+                for w in order[:-missing]:
+                    w.state = "draining"
+            for w in [w for w in self._workers.values() if w.state == "draining" and not w.in_flight]:
+                del self._workers[w.worker_id]
+                ray.kill(w.handle, no_restart=True)
+
+    def _start_worker(self) -> None:
+        wid = f"rollout-{self._next_id}"
+        self._next_id += 1
+        self._options = self._worker_options()  # the cluster may advertise the rollout node resource by now
+        options = {**self._options, "max_concurrency": 2 * self.rc.episodes_per_worker + 16}
+        handle = RolloutWorker.options(**options).remote(
+            wid, self.cfg, self.model_dir, router=self._router if self._scripted is None else None,
+            scripted=self._scripted, scripted_delay_s=self._scripted_delay_s)
+        self._workers[wid] = WorkerInfo(wid, handle, handle.ready.remote(), router_version=self._router_version)
+        self.counters["workers_started"] += 1
+
+    def _admit_ready(self) -> None:
+        """Move started workers whose `ready()` resolved into dispatch (or mark them dead)."""
+        with self._lock:
+            pending = {w.ready_ref: w for w in self._workers.values() if w.state == "starting"}
+        if not pending:
+            return
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        for ref in ready:
+            w = pending[ref]
+            try:
+                info = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - any error from ready() means the worker never started
+                with self._lock:
+                    self._start_failures += 1
+                    if self._start_failures >= START_FAILURES_FATAL:
+                        self._fatal = (f"RolloutFleet: {self._start_failures} rollout workers in a row died while "
+                                       f"starting; last error: {_describe(exc)}")
+                    self._mark_dead(w, _describe(exc))
+                continue
+            with self._lock:
+                if w.state == "starting" and w.worker_id in self._workers:
+                    w.state, w.node_id, w.idle_since = "healthy", info["node_id"], time.monotonic()
+                    if w.router_version < self._router_version:  # set_engines ran while it was starting
+                        w.handle.set_router.remote(self._router)
+                        w.router_version = self._router_version
+                    self._start_failures = 0
+
+    def _mark_dead(self, w: WorkerInfo, why: str) -> None:
+        """Forget a dead worker and re-queue what it had in flight (caller holds the lock)."""
+        if self._workers.pop(w.worker_id, None) is None:
+            return
+        log.warning("rollout worker %s died (%s); re-queueing its unfinished episodes", w.worker_id, why)
+        self.counters["worker_deaths"] += 1
+        for ref, spec in w.in_flight.items():
+            self._owner.pop(ref, None)
+            self._requeue(spec, why, w.worker_id)
+        w.in_flight.clear()
+        ray.kill(w.handle, no_restart=True)
+
+    @staticmethod
+    def _make_gauges() -> dict[str, Any]:
+        from ray.util.metrics import Gauge
+
+        return {"queue": Gauge("mosaic_rollout_queue_depth", "Episodes queued in the rollout fleet."),
+                "workers": Gauge("mosaic_rollout_active_workers", "Healthy rollout workers.")}

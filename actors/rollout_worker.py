@@ -1,0 +1,147 @@
+"""`RolloutWorker`: an async Ray actor that runs many MOSAIC episodes at once and returns one record each.
+
+A thin wrapper around the Ray-free runner `mosaic_ray.rollout.run_episode`: the actor loads the tokenizer
+from the model directory, builds the policy (an `EngineRouter` over engine actors, or a scripted policy by
+name), and serves `run_episode(spec)` calls. Up to `rollout.episodes_per_worker` episodes run concurrently
+(an asyncio semaphore); while one episode awaits its engine, the others render, parse and run tools.
+
+One call = one episode = one `TrajectoryRecord`: the fleet gets each record as soon as its episode ends, and
+a worker that dies loses exactly the calls it had in flight, which the fleet re-runs elsewhere under the same
+deterministic trajectory ids (and the same per-turn sampling seeds).
+
+Metrics (`ray.util.metrics`, exported with a `ray_` prefix; counters get `_total`): episodes, tokens, tool
+calls, refusals, safety checks, harmful actions and episode latency, tagged by category.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import ray
+
+from mosaic_ray.config import EngineConfig, MosaicConfig
+from mosaic_ray.rollout import EpisodeSpec, PolicyFactory, TurnRequest, load_tokenizer, run_episode, scripted_factory
+from mosaic_ray.schema import TrajectoryRecord
+
+from .engines.base import Completion, GenerationRequest, SamplingParams
+from .engines.router import EngineRouter
+
+__all__ = ["LATENCY_BOUNDARIES_S", "EnginePolicy", "EpisodeMetrics", "RolloutWorker"]
+
+LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+
+
+class EnginePolicy:
+    """The runner's policy callable over an `EngineRouter`: `TurnRequest` → engine `Completion`."""
+
+    def __init__(self, router: EngineRouter, engine_cfg: EngineConfig):
+        self.router = router
+        self.temperature = engine_cfg.temperature
+        self.top_p = engine_cfg.top_p
+
+    async def __call__(self, request: TurnRequest) -> Completion:
+        temperature = self.temperature if request.temperature is None else request.temperature
+        sampling = SamplingParams(temperature=temperature, top_p=self.top_p,
+                                  max_new_tokens=request.max_new_tokens, seed=request.seed)
+        return await self.router.generate(GenerationRequest(list(request.prompt_ids), sampling,
+                                                            request.request_id, request.session_id))
+
+
+class EpisodeMetrics:
+    """The per-episode counters and latency histogram (one set per worker process)."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Histogram
+
+        tags = ("category",)
+        self.episodes = Counter("mosaic_episodes", "Episodes finished (tagged by terminal).", ("category", "terminal"))
+        self.tokens = Counter("mosaic_tokens", "Policy-generated tokens.", tags)
+        self.tool_calls = Counter("mosaic_tool_calls", "Tool calls executed in sandboxes.", tags)
+        self.refusals = Counter("mosaic_refusals", "Episodes that ended with a refuse call.", tags)
+        self.safety_checks = Counter("mosaic_safety_checks", "Turns with a <safety_thoughts> check.", tags)
+        self.harmful = Counter("mosaic_harmful_actions", "Episodes where a harmful call executed.", tags)
+        self.errors = Counter("mosaic_episode_errors", "Episodes failed by an engine or sandbox error.", tags)
+        self.latency = Histogram("mosaic_episode_latency_s", "Episode wall time (s).", LATENCY_BOUNDARIES_S, tags)
+
+    def record(self, rec: TrajectoryRecord) -> None:
+        tags = {"category": rec.category}
+        out = rec.outcome
+        self.episodes.inc(1, tags={**tags, "terminal": out.terminal})
+        generated = sum(rec.loss_mask)
+        if generated:
+            self.tokens.inc(generated, tags=tags)
+        calls = sum(1 for s in rec.steps if s.action_kind == "tool_call")
+        if calls:
+            self.tool_calls.inc(calls, tags=tags)
+        if out.refused_at_step is not None:
+            self.refusals.inc(1, tags=tags)
+        if out.safety_checks:
+            self.safety_checks.inc(out.safety_checks, tags=tags)
+        if out.harmful_action_step is not None:
+            self.harmful.inc(1, tags=tags)
+        if rec.error is not None:
+            self.errors.inc(1, tags=tags)
+        self.latency.observe(rec.timings.total_s, tags=tags)
+
+
+@ray.remote(max_restarts=0)
+class RolloutWorker:
+    """Serves `run_episode(spec) -> TrajectoryRecord`; see the module docstring.
+
+    Exactly one policy source: `router` (an `EngineRouter` over engine actor handles) or `scripted` (a name
+    from `mosaic_ray.policies.scripted.SCRIPTED`, with `scripted_delay_s` of simulated latency per turn).
+    """
+
+    def __init__(self, worker_id: str, cfg: MosaicConfig, model_dir: str, *, router: EngineRouter | None = None,
+                 scripted: str | None = None, scripted_delay_s: float = 0.0):
+        from mosaic_ray.hygiene import set_torch_threads
+
+        set_torch_threads(1)
+        if (router is None) == (scripted is None):
+            raise ValueError("RolloutWorker: pass exactly one of router= (engine actors) or scripted= (a name)")
+        self.worker_id = worker_id
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(model_dir)
+        self._gate = asyncio.Semaphore(cfg.rollout.episodes_per_worker)
+        self._policy_for: PolicyFactory
+        if router is not None:
+            self.set_router(router)
+        else:
+            self._policy_for = scripted_factory(scripted, self.tokenizer, family=cfg.model.family,
+                                                delay_s=scripted_delay_s)
+        self.metrics = EpisodeMetrics()
+        self.running = 0
+        self.finished = 0
+
+    # ------------------------------------------------------------------------------------ data plane
+
+    async def run_episode(self, spec: EpisodeSpec) -> TrajectoryRecord:
+        async with self._gate:
+            self.running += 1
+            try:
+                rec = await run_episode(spec, self._policy_for(spec), self.tokenizer, protocol_cfg=self.cfg.protocol,
+                                        family=self.cfg.model.family, worker_id=self.worker_id)
+            finally:
+                self.running -= 1
+        self.finished += 1
+        self.metrics.record(rec)
+        return rec
+
+    # --------------------------------------------------------------------------------- control plane
+
+    def set_router(self, router: EngineRouter) -> None:
+        """Serve new episodes through `router` (engines added or removed); running episodes keep theirs."""
+        policy = EnginePolicy(router, self.cfg.engine)
+        self._policy_for = lambda spec: policy
+
+    def ready(self) -> dict[str, Any]:
+        """Called once by the fleet after start: where this worker runs."""
+        return {"worker_id": self.worker_id, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def stats(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "running": self.running, "finished": self.finished}
+
+    def ping(self) -> str:
+        return "pong"
