@@ -111,3 +111,18 @@ def test_resume_after_interrupt_has_identical_accounting(full_run, tmp_path):
 def test_resume_of_a_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no state.json"):
         Trainer(load_config("smoke"), str(tmp_path / "nothing"), resume=True)
+
+
+def test_training_tasks_can_come_from_a_task_file(tmp_path):
+    from mosaic_ray.driver.train import scenario_splits
+    from mosaic_ray.scenarios import load_tasks, write_tasks
+
+    path = tmp_path / "tasks.jsonl"
+    write_tasks(load_tasks("train", size=12) + load_tasks("test", size=8), path)
+    train, test = scenario_splits(load_config("smoke", [f"scenarios.source={path}", "scenarios.categories=[harmful]"]))
+    assert train and test and {t.category for t in train + test} == {"harmful"}
+    assert {t.split for t in train} == {"train"} and {t.split for t in test} == {"test"}
+    only_train = tmp_path / "train.jsonl"
+    write_tasks(load_tasks("train", size=4), only_train)
+    with pytest.raises(ValueError, match="needs tasks of both splits"):
+        scenario_splits(load_config("smoke", [f"scenarios.source={only_train}"]))

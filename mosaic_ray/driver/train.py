@@ -111,18 +111,13 @@ class Trainer:
         from mosaic_ray.actors.fleet import RolloutFleet
         from mosaic_ray.actors.pair_builder import remote_pair_builder
         from mosaic_ray.driver.metrics import DriverMetrics
+        from mosaic_ray.evaluation import _spread
         from mosaic_ray.learners.group import LearnerGroup
-        from mosaic_ray.scenarios import load_tasks
 
         cfg = self.cfg
         self.model_dir = resolve_model_dir(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        sc = cfg.scenarios
-        self.train_tasks = load_tasks("train", size=sc.train_size, seed=sc.seed, domains=sc.domains,
-                                      categories=sc.categories)
-        test = load_tasks("test", size=sc.test_size, seed=sc.seed, domains=sc.domains, categories=sc.categories)
-        from mosaic_ray.evaluation import _spread
-
+        self.train_tasks, test = scenario_splits(cfg)
         self.eval_tasks = _spread(test, cfg.train.eval_size) if cfg.train.eval_size else test
         self.learner = LearnerGroup(self.model_dir, cfg.learner)
         self.engines = start_engine_actors(cfg.engine, self.model_dir, dtype=cfg.model.dtype)
@@ -434,6 +429,27 @@ def pc_isin(table: Any, column: str, values: Any) -> Any:
     import pyarrow.compute as pc
 
     return pc.is_in(table.column(column), value_set=values.combine_chunks())
+
+
+def scenario_splits(cfg: MosaicConfig) -> tuple[list[Any], list[Any]]:
+    """(train, test) tasks: the built-in suites, or a Parquet / JSONL task file split by its `split` column."""
+    from mosaic_ray.scenarios import load_tasks, read_tasks
+
+    sc = cfg.scenarios
+    if sc.source == "builtin":
+        return (load_tasks("train", size=sc.train_size, seed=sc.seed, domains=sc.domains, categories=sc.categories),
+                load_tasks("test", size=sc.test_size, seed=sc.seed, domains=sc.domains, categories=sc.categories))
+
+    def keep(t: Any) -> bool:
+        return (not sc.domains or t.domain in sc.domains) and (not sc.categories or t.category in sc.categories)
+
+    tasks = [t for t in read_tasks(sc.source) if keep(t)]
+    train = [t for t in tasks if t.split == "train"][: sc.train_size]
+    test = [t for t in tasks if t.split == "test"][: sc.test_size]
+    if not train or not test:
+        raise ValueError(f"scenarios.source={sc.source}: needs tasks of both splits (train: {len(train)}, "
+                         f"test: {len(test)}) after the domain/category filters")
+    return train, test
 
 
 def resolve_model_dir(cfg: MosaicConfig) -> str:
