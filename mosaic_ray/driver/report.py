@@ -88,11 +88,7 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def curves_png(rows: list[dict[str, Any]]) -> bytes:
     """A grid of learning curves, one panel per CURVES entry present in the rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     present = [(k, t) for k, t in CURVES if any(k in r for r in rows)]
     n = max(1, len(present))
     cols = 4
@@ -107,19 +103,11 @@ def curves_png(rows: list[dict[str, Any]]) -> bytes:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(plt, fig)
 
 
 def before_after_png(report: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     keys = [k for k in EVAL_KEYS if k != "mean_tokens" and k in report.get("before", {}) and k in report.get("after", {})]
     fig, ax = plt.subplots(figsize=(10, 4))
     xs = range(len(keys))
@@ -129,6 +117,19 @@ def before_after_png(report: dict[str, Any]) -> bytes:
     ax.set_ylim(0, 1)
     ax.legend()
     ax.set_title("held-out evaluation")
+    return _png(plt, fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(plt: Any, fig: Any) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
