@@ -56,6 +56,8 @@ from .rollout_worker import RolloutWorker
 __all__ = ["CallResult", "FleetError", "RolloutFleet", "WorkerInfo"]
 
 log = logging.getLogger(__name__)
+STARVED_WARN_S = 60.0
+"""Warn (once per stream) when no worker has been healthy for this long while episodes wait."""
 
 START_FAILURES_FATAL = 3
 """Workers that die before ever becoming ready, in a row, after which the fleet gives up (bad model dir, …)."""
@@ -202,11 +204,19 @@ class RolloutFleet:
             self._queue.extend(specs)
             self._wanted = set(ids)
             self._emitted = set()
+        starved_since, warned = time.monotonic(), False
         try:
             while True:
                 with self._lock:
                     if not self._wanted:
                         return
+                    if any(w.state == "healthy" for w in self._workers.values()):
+                        starved_since = time.monotonic()
+                    elif not warned and time.monotonic() - starved_since > STARVED_WARN_S:
+                        warned = True  # e.g. engines + learners took every CPU the cluster has
+                        log.warning("RolloutFleet: no rollout worker could start for %.0f s; a worker needs %s, "
+                                    "the cluster has %s free", STARVED_WARN_S, self._bundle(),
+                                    ray.available_resources())
                     if self._fatal:
                         raise FleetError(self._fatal)
                     if not self._workers and self._target == 0 and not self.rc.autoscale:
