@@ -91,6 +91,75 @@ def test_concurrent_calls_are_batched(engine, prompts):
     assert after["max_batch_rows"] > 1
 
 
+@pytest.mark.parametrize("continuous", [True, False], ids=["continuous", "no-merge-fallback"])
+def test_staggered_arrivals_join_the_running_batch_exactly(tiny_model_dir, prompts, continuous):
+    """Requests arriving while others decode join the running batch (continuous batching), and each completion
+    equals the same seeded request run alone: tokens identical, log-probs within 1e-5. The fallback for caches
+    that cannot be merged (sliding-window layers) makes newcomers wait for the running batch instead."""
+    engine = HFEngine(tiny_model_dir, max_batch_size=8, max_wait_ms=0)
+    assert engine.continuous  # the tiny Qwen3 has full-attention DynamicLayers only
+    engine.continuous = continuous
+    samplings = [SamplingParams(max_new_tokens=[40, 12, 30, 25, 8, 33][i], seed=100 + i, temperature=[1.0, 0.8][i % 2],
+                                top_p=[1.0, 0.9, 1.0][i % 3], stop_token_ids=(7,) if i == 3 else ())
+                 for i in range(len(prompts))]
+    reqs = [GenerationRequest(p, s, request_id=str(i)) for i, (p, s) in enumerate(zip(prompts, samplings))]
+    alone = [run(engine.generate([r]))[0] for r in reqs]
+
+    async def staggered():
+        async def late(i, delay):
+            await asyncio.sleep(delay)
+            return (await engine.generate([reqs[i]]))[0]
+
+        first = asyncio.ensure_future(late(0, 0))
+        while engine.health()["running"] == 0:  # request 0 is decoding before anyone else arrives
+            await asyncio.sleep(0.001)
+        return [await first] + list(await asyncio.gather(*(late(i, 0.004 * i) for i in range(1, len(reqs)))))
+
+    before = engine.health()
+    together = run(staggered())
+    after = engine.health()
+    joined = after["joined_running"] - before["joined_running"]
+    assert joined >= 1 if continuous else joined == 0  # someone joined a batch mid-decode (or, fallback, no one)
+    assert after["max_batch_rows"] > 1
+    for a, b in zip(alone, together):
+        assert b.request_id == a.request_id and b.finish_reason == a.finish_reason
+        assert b.token_ids == a.token_ids, b.request_id
+        assert torch.allclose(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=0), b.request_id
+        ref = teacher_forced(engine.model, prompts[int(b.request_id)], b.token_ids)
+        assert torch.allclose(torch.tensor(b.logprobs), ref, atol=1e-4)
+
+
+def test_weight_update_drains_running_rows_before_loading(tiny_model_dir, prompts):
+    """A weight update requested mid-decode waits for the running completion (old version, old weights
+    throughout); requests queued meanwhile run on the new weights and are stamped with the new version."""
+    from transformers import AutoModelForCausalLM
+
+    engine = HFEngine(tiny_model_dir, max_batch_size=8, max_wait_ms=0)
+    norm = engine.model.model.norm.weight.detach().clone()
+    ref_new = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        ref_new.model.norm.weight.mul_(3)
+
+    async def scenario():
+        running = asyncio.ensure_future(engine.generate([GenerationRequest(prompts[0], SamplingParams(
+            max_new_tokens=300, ignore_eos=True, seed=1))]))
+        while engine.health()["running"] == 0:
+            await asyncio.sleep(0.001)
+        update = asyncio.ensure_future(asyncio.to_thread(engine.update_weights, {"model.norm.weight": norm * 3}, 1))
+        await asyncio.sleep(0.02)
+        later = asyncio.ensure_future(engine.generate([GenerationRequest(prompts[1], SamplingParams(
+            max_new_tokens=6, seed=2))]))
+        await asyncio.sleep(0.02)
+        assert not later.done()  # admission is stopped while the update waits for the drain
+        return (await running)[0], await update, (await later)[0]
+
+    old, _, new = run(scenario())
+    assert old.policy_version == 0 and len(old.token_ids) == 300 and new.policy_version == 1
+    old_ref = teacher_forced(engine_ref_model(tiny_model_dir), prompts[0], old.token_ids)
+    assert torch.allclose(torch.tensor(old.logprobs), old_ref, atol=1e-4)  # old weights to the last token
+    assert torch.allclose(torch.tensor(new.logprobs), teacher_forced(ref_new, prompts[1], new.token_ids), atol=1e-4)
+
+
 def test_stop_tokens_length_and_eos(engine, prompts):
     greedy = SamplingParams(temperature=0, max_new_tokens=12)
     free = run(engine.generate([GenerationRequest(prompts[1], greedy)]))[0]

@@ -1,15 +1,36 @@
-"""Transformers engine (CPU and GPU): dynamic batching and a hand-written KV-cache decode loop.
+"""Transformers engine (CPU and GPU): continuous batching over a hand-written KV-cache decode loop.
 
 Why our own loop instead of `model.generate`: we need (1) the log-prob of every sampled token under the raw
 model distribution, taken from the very logits the token was sampled from (gather - logsumexp, no second
 forward pass), and (2) per-request seeded sampling that does not depend on which other requests share the
 batch. `generate` offers neither.
 
-Batching: `generate()` only enqueues. A background asyncio task (the scheduler) takes up to `max_batch_size`
-queued requests, waiting at most `max_wait_ms` after the first one for more, and runs the batch on one worker
-thread so the event loop keeps accepting requests meanwhile. Prompts are left-padded (attention mask +
-explicit position ids, so padding changes nothing a real token sees); rows that finish are dropped from the
-batch and its KV cache, so long rows do not drag short ones' compute along.
+Continuous batching: `generate()` only enqueues. One worker thread runs the decode loop (`_run`), so the
+event loop keeps accepting requests meanwhile. Between two decode steps the loop admits whatever was queued
+in the meantime (up to `max_batch_size` rows): the newcomers are prefilled as their own left-padded batch and
+their KV cache is merged into the running one (both left-padded to the wider of the two). Rows that finish
+leave the batch and its cache at once. A request that arrives while others decode thus waits one decode step
+plus its prefill, not for the running batch to end. This matters because Ray delivers N concurrent calls
+spread over several milliseconds: a "collect for max_wait_ms, then run to the end" batcher split them into
+two batches run one after the other. When the engine is idle the first request waits for company: the
+collection window lasts `max_wait_ms` after the latest arrival (at most `BURST_WINDOW_FACTOR * max_wait_ms` in
+all), so a burst is prefilled in one forward pass, and the worker sleeps instead of decoding a few early rows
+while it competes for the GIL with the thread that is still receiving the rest of the burst.
+
+Exactness: every row keeps its own positions (0..len-1 over its real tokens, whatever the padding), its own
+attention mask (padding, including the zero keys a merge adds, is masked out) and its own sampling generator,
+so its tokens and log-probs do not depend on which rows share the batch or when it joined, up to float
+reassociation in batched matmuls (~1e-6).
+
+Weight versions (drain, then load): the worker holds the model lock for a whole run, from the first admission
+until the batch is empty. `update_weights` first stops admission, lets the running rows finish on the old
+weights, then loads; admission resumes on the new weights. So no completion mixes versions, and each is
+stamped with the version it was admitted under. `pause(WAIT)` drains the same way; `pause(ABORT)` cuts the
+running rows at their next token.
+
+Merging caches needs plain full-attention `DynamicLayer`s. For models whose cache has sliding-window or
+linear-attention layers the engine admits no one into a running batch: newcomers wait for it to end (plain
+dynamic batching).
 
 Sampling per row: temperature (0 = argmax), then top-p, then inverse-CDF sampling with one uniform drawn from
 the row's own `torch.Generator` (seeded from `SamplingParams.seed`, else from the engine's generator). The
@@ -20,9 +41,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .base import (
@@ -36,7 +59,10 @@ from .base import (
     validate_request,
 )
 
-__all__ = ["HFEngine", "resolve_device", "torch_dtype"]
+__all__ = ["BURST_WINDOW_FACTOR", "HFEngine", "resolve_device", "torch_dtype"]
+
+BURST_WINDOW_FACTOR = 10
+"""An idle engine collects a burst for at most this many times `max_wait_ms` (see the module docstring)."""
 
 
 def torch_dtype(name: str):
@@ -61,17 +87,99 @@ def resolve_device(device: str) -> str:
 
 @dataclass
 class _Pending:
+    """A queued request and the caller's future (resolved from the worker thread via the caller's loop)."""
+
     request: GenerationRequest
     future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self, result: Completion | None = None, error: BaseException | None = None) -> None:
+        def _set() -> None:
+            if self.future.done():  # the caller gave up (cancelled)
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        try:
+            self.loop.call_soon_threadsafe(_set)
+        except RuntimeError:  # the caller's loop is closed: nobody waits for this result any more
+            pass
+
+
+@dataclass
+class _Row:
+    """One request while it decodes."""
+
+    pending: _Pending
+    generator: Any  # torch.Generator (CPU)
+    stops: frozenset[int]
+    budget: int
+    version: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    """The running batch. `rows` and every tensor are aligned on dim 0; the cache has `attn.shape[1]` slots."""
+
+    rows: list[_Row]
+    cache: Any  # transformers DynamicCache
+    attn: Any  # (B, L) long, 1 = real token
+    last_pos: Any  # (B,) position of the last token fed to the model
+    logits: Any  # (B, V) float32 logits of the next token, not sampled yet
+    temps: Any  # (B,)
+    top_ps: Any  # (B,)
+
+    def select(self, idx, rows: list[_Row]) -> _Batch:
+        """Keep rows `idx` (a tensor of batch indices); then drop leading cache slots that are padding in
+        every remaining row (left behind by a long row that finished)."""
+        self.cache.batch_select_indices(idx)
+        attn = self.attn[idx]
+        first = int(attn.any(0).long().argmax())
+        if first:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+            attn = attn[:, first:]
+        return _Batch(rows, self.cache, attn, self.last_pos[idx], self.logits[idx], self.temps[idx],
+                      self.top_ps[idx])
+
+    def merge(self, other: _Batch) -> _Batch:
+        """Append `other`'s rows; both caches are left-padded (masked slots) to the wider one's length."""
+        import torch
+
+        width = max(self.attn.shape[1], other.attn.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width, -2), _left_pad(theirs.keys, width, -2)])
+            mine.values = torch.cat([_left_pad(mine.values, width, -2), _left_pad(theirs.values, width, -2)])
+        attn = torch.cat([_left_pad(self.attn, width, -1), _left_pad(other.attn, width, -1)])
+        return _Batch(self.rows + other.rows, self.cache, attn, *(
+            torch.cat([a, b]) for a, b in ((self.last_pos, other.last_pos), (self.logits, other.logits),
+                                           (self.temps, other.temps), (self.top_ps, other.top_ps))))
+
+
+def _left_pad(x, width: int, dim: int):
+    """Zeros prepended along `dim` up to `width` (the matching attention-mask slots are 0)."""
+    import torch
+
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
 class HFEngine(Engine):
-    """A Hugging Face causal LM served with dynamic batching. See the module docstring for the design."""
+    """A Hugging Face causal LM served with continuous batching. See the module docstring for the design."""
 
     def __init__(self, model_path: str, *, max_batch_size: int = 64, max_wait_ms: float = 5.0,
                  dtype: str = "float32", device: str = "auto", max_model_len: int | None = None, seed: int = 0):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         from mosaic_ray.hygiene import set_torch_threads
 
@@ -94,14 +202,22 @@ class HFEngine(Engine):
         self.max_model_len = min(max_model_len or model_max, model_max)
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
+        # Whether requests may join a running batch (module docstring). No layers = DynamicLayers made lazily.
+        self.continuous = all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
         self._rng = torch.Generator().manual_seed(seed)  # rows without a seed draw from here
         self._version = 0
-        self._model_lock = threading.Lock()  # one batch or one weight update at a time
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        self._model_lock = threading.Lock()  # held by the worker for a whole run, or by a weight update
+        self._cv = threading.Condition()  # guards everything below; notified on every change of it
+        self._queue: deque[_Pending] = deque()
+        self._worker_busy = False
+        self._paused = False
+        self._closed = False
+        self._updates_waiting = 0
         self._abort = threading.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
         self._running_rows = 0
-        self._stats = {"batches": 0, "requests": 0, "generated_tokens": 0, "max_batch_rows": 0}
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats = {"batches": 0, "requests": 0, "generated_tokens": 0, "max_batch_rows": 0,
+                       "joined_running": 0}
 
     # ------------------------------------------------------------------------------------ data plane
 
@@ -111,146 +227,149 @@ class HFEngine(Engine):
             if len(req.prompt_ids) >= self.max_model_len:
                 raise ValueError(f"GenerationRequest(request_id={req.request_id!r}).prompt_ids: {len(req.prompt_ids)} "
                                  f"tokens leave no room to generate (max_model_len={self.max_model_len})")
-        self._ensure_scheduler()
+        if self._closed:
+            raise RuntimeError("HFEngine.generate: the engine is closed")
         loop = asyncio.get_running_loop()
-        pending = [_Pending(req, loop.create_future()) for req in requests]
-        self._queue.extend(pending)
-        self._has_work.set()
+        pending = [_Pending(req, loop.create_future(), loop) for req in requests]
+        with self._cv:
+            self._queue.extend(pending)
+            self._start_worker_locked()
+            self._cv.notify_all()
         return list(await asyncio.gather(*(p.future for p in pending)))
 
-    def _ensure_scheduler(self) -> None:
-        """Start the scheduler on the running loop (again if the caller moved to a new loop, e.g. asyncio.run)."""
-        loop = asyncio.get_running_loop()
-        if self._loop is loop and not self._scheduler.done():
-            return
-        self._loop = loop
-        self._queue: list[_Pending] = []
-        self._has_work = asyncio.Event()
-        self._unpaused = asyncio.Event()
-        self._unpaused.set()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._scheduler = loop.create_task(self._schedule(), name="hf-engine-scheduler")
+    def _start_worker_locked(self) -> None:
+        if self._queue and not (self._worker_busy or self._paused or self._closed):
+            self._worker_busy = True
+            self._executor.submit(self._serve)
 
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._has_work.wait()
-            await self._unpaused.wait()
-            deadline = loop.time() + self.max_wait_s
-            while len(self._queue) < self.max_batch_size and (left := deadline - loop.time()) > 0:
-                self._has_work.clear()
-                try:
-                    await asyncio.wait_for(self._has_work.wait(), left)
-                except TimeoutError:
-                    break
-            if not self._unpaused.is_set():  # paused while we were collecting
-                continue
-            batch = [p for p in self._queue[: self.max_batch_size] if not p.future.done()]
-            del self._queue[: self.max_batch_size]
-            if not self._queue:
-                self._has_work.clear()
-            else:
-                self._has_work.set()
-            if not batch:
-                continue
-            self._idle.clear()
-            try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [p.request for p in batch])
-            except Exception as exc:  # noqa: BLE001 - a failing batch fails its own callers, never the scheduler
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-            else:
-                for p, completion in zip(batch, results):
-                    if not p.future.done():
-                        p.future.set_result(completion)
-            finally:
-                self._idle.set()
+    def _held(self) -> bool:
+        """Admission is stopped (caller holds `_cv`)."""
+        return self._paused or self._closed or self._updates_waiting > 0
 
-    def _run_batch(self, requests: list[GenerationRequest]) -> list[Completion]:
+    def _serve(self) -> None:
+        """Worker thread: one run after another while there is admissible work; yields to weight updates."""
         import torch
 
-        with self._model_lock, torch.inference_mode():
-            version = self._version
-            self._running_rows = len(requests)
-            try:
-                tokens, logprobs, finish = self._decode(requests)
-            finally:
-                self._running_rows = 0
-        self._stats["batches"] += 1
-        self._stats["requests"] += len(requests)
-        self._stats["generated_tokens"] += sum(len(t) for t in tokens)
-        self._stats["max_batch_rows"] = max(self._stats["max_batch_rows"], len(requests))
-        return [Completion(r.request_id, tokens[i], logprobs[i], finish[i], version) for i, r in enumerate(requests)]
+        while True:
+            with self._cv:
+                while self._updates_waiting and not self._closed:
+                    self._cv.wait()
+                if not self._queue or self._held():
+                    self._worker_busy = False
+                    self._cv.notify_all()
+                    return
+            with self._model_lock, torch.inference_mode():
+                self._run()
 
-    def _decode(self, requests: list[GenerationRequest]) -> tuple[list[list[int]], list[list[float]], list[Any]]:
-        """Prefill the left-padded batch, then decode one token per step, dropping finished rows."""
+    def _run(self) -> None:
+        """The decode loop: admit newcomers, sample one token per row, retire finished rows, feed the rest."""
+        batch: _Batch | None = None
+        while True:
+            fresh = self._admit(batch)
+            try:
+                if fresh:
+                    joined = self._prefill(fresh)
+                    if batch is not None:
+                        self._stats["joined_running"] += len(fresh)
+                        joined = batch.merge(joined)
+                    batch = joined
+                if batch is None:
+                    return
+                batch = self._step(batch)
+            except Exception as exc:  # noqa: BLE001 - a failing step fails its own callers, never the worker
+                for p in fresh + ([r.pending for r in batch.rows] if batch else []):
+                    p.settle(error=exc)
+                batch = None
+            self._running_rows = len(batch.rows) if batch else 0
+
+    def _admit(self, batch: _Batch | None) -> list[_Pending]:
+        """Take queued requests that fit. With an empty batch, first let a burst finish arriving."""
+        room = self.max_batch_size - (len(batch.rows) if batch else 0)
+        with self._cv:
+            if room <= 0 or self._held() or (batch is not None and not self.continuous):
+                return []
+            if batch is None and self._queue:
+                now = time.monotonic()
+                deadline, cap = now + self.max_wait_s, now + BURST_WINDOW_FACTOR * self.max_wait_s
+                while len(self._queue) < room and not self._held() and (left := min(deadline, cap) - now) > 0:
+                    seen = len(self._queue)
+                    self._cv.wait(left)
+                    now = time.monotonic()
+                    if len(self._queue) > seen:  # the burst is still arriving: keep collecting
+                        deadline = now + self.max_wait_s
+                if self._held():
+                    return []
+            fresh: list[_Pending] = []
+            while self._queue and len(fresh) < room:
+                p = self._queue.popleft()
+                if not p.future.done():  # skip callers that gave up while queued
+                    fresh.append(p)
+            return fresh
+
+    def _prefill(self, fresh: list[_Pending]) -> _Batch:
+        """Forward the newcomers' left-padded prompts into a new cache; their first logits are pending."""
         import torch
         from transformers import DynamicCache
 
         dev = self.device
-        n = len(requests)
-        width = max(len(r.prompt_ids) for r in requests)
+        reqs = [p.request for p in fresh]
+        n, width = len(reqs), max(len(r.prompt_ids) for r in reqs)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(requests):
+        for i, r in enumerate(reqs):
             input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
             attn[i, width - len(r.prompt_ids):] = 1
         input_ids, attn = input_ids.to(dev), attn.to(dev)
         # Real tokens get positions 0..len-1 whatever the padding; pad slots get 1 (masked out anyway).
         positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)
-        budget = [min(r.sampling.max_new_tokens, self.max_model_len - len(r.prompt_ids)) for r in requests]
-        stops = [{*r.sampling.stop_token_ids, *(() if r.sampling.ignore_eos else (self.eos_id,))}
-                 for r in requests]
-        gens = [torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else self._rng
-                for r in requests]
-        temps = torch.tensor([r.sampling.temperature for r in requests], dtype=torch.float32, device=dev)
-        top_ps = torch.tensor([r.sampling.top_p for r in requests], dtype=torch.float32, device=dev)
-
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
-        last_pos = positions[:, -1]
-        tokens: list[list[int]] = [[] for _ in requests]
-        logprobs: list[list[float]] = [[] for _ in requests]
-        finish: list[FinishReason | None] = [None] * n
-        active = list(range(n))  # original row of each row of the (compacted) batch
-        while True:
-            logits = out.logits[:, -1, :].float()
-            next_tok, next_lp = sample_tokens(logits, temps, top_ps, [gens[i] for i in active])
-            keep: list[int] = []
-            for j, (t, lp) in enumerate(zip(next_tok.tolist(), next_lp.tolist())):
-                i = active[j]
-                tokens[i].append(t)
-                logprobs[i].append(lp)
-                if t in stops[i]:
-                    finish[i] = "stop"
-                elif len(tokens[i]) >= budget[i]:
-                    finish[i] = "length"
-                else:
-                    keep.append(j)
-            if keep and self._abort.is_set():
-                for j in keep:
-                    finish[active[j]] = "abort"
-                keep = []
-            if not keep:
-                break
-            if len(keep) < len(active):
-                idx = torch.tensor(keep, device=dev)
-                cache.batch_select_indices(idx)
-                attn, last_pos, next_tok = attn[idx], last_pos[idx], next_tok[idx]
-                temps, top_ps = temps[idx], top_ps[idx]
-                active = [active[j] for j in keep]
-            attn = torch.cat([attn, attn.new_ones((len(active), 1))], dim=1)
-            last_pos = last_pos + 1
-            out = self.model(input_ids=next_tok[:, None], attention_mask=attn, position_ids=last_pos[:, None],
-                             past_key_values=cache, use_cache=True)
-        return tokens, logprobs, finish
+        rows = [_Row(p, torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else self._rng,
+                     frozenset({*r.sampling.stop_token_ids, *(() if r.sampling.ignore_eos else (self.eos_id,))}),
+                     min(r.sampling.max_new_tokens, self.max_model_len - len(r.prompt_ids)), self._version)
+                for p, r in zip(fresh, reqs)]
+        self._stats["batches"] += 1
+        self._stats["requests"] += n
+        return _Batch(rows, cache, attn, positions[:, -1], out.logits[:, -1, :].float(),
+                      torch.tensor([r.sampling.temperature for r in reqs], dtype=torch.float32, device=dev),
+                      torch.tensor([r.sampling.top_p for r in reqs], dtype=torch.float32, device=dev))
+
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Sample every row's next token; retire rows that are done; feed the rest one decode step."""
+        import torch
+
+        self._stats["max_batch_rows"] = max(self._stats["max_batch_rows"], len(batch.rows))
+        tok, lp = sample_tokens(batch.logits, batch.temps, batch.top_ps, [r.generator for r in batch.rows])
+        abort = self._abort.is_set()
+        keep: list[int] = []
+        for j, (row, t, logprob) in enumerate(zip(batch.rows, tok.tolist(), lp.tolist())):
+            row.tokens.append(t)
+            row.logprobs.append(logprob)
+            reason: FinishReason | None = ("stop" if t in row.stops else "length" if len(row.tokens) >= row.budget
+                                           else "abort" if abort or row.pending.future.done() else None)
+            if reason is None:
+                keep.append(j)
+                continue
+            self._stats["generated_tokens"] += len(row.tokens)
+            row.pending.settle(Completion(row.pending.request.request_id, row.tokens, row.logprobs, reason,
+                                          row.version))
+        if not keep:
+            return None
+        if len(keep) < len(batch.rows):
+            idx = torch.tensor(keep, device=self.device)
+            batch, tok = batch.select(idx, [batch.rows[j] for j in keep]), tok[idx]
+        batch.attn = torch.cat([batch.attn, batch.attn.new_ones((len(keep), 1))], dim=1)
+        batch.last_pos = batch.last_pos + 1
+        out = self.model(input_ids=tok[:, None], attention_mask=batch.attn, position_ids=batch.last_pos[:, None],
+                         past_key_values=batch.cache, use_cache=True)
+        batch.logits = out.logits[:, -1, :].float()
+        return batch
 
     # --------------------------------------------------------------------------------- control plane
 
     def update_weights(self, weights: WeightsLike, version: int) -> None:
+        """Drain, then load (see the module docstring): blocks until the running rows finished."""
         import torch
 
         check_version(self._version, version)
@@ -266,43 +385,62 @@ class HFEngine(Engine):
         if errors:
             raise ValueError(f"update_weights(version={version}): {len(errors)} bad tensor(s), nothing loaded: "
                              + "; ".join(errors[:5]))
-        with self._model_lock, torch.no_grad():  # waits for the running batch to finish on the old weights
-            check_version(self._version, version)  # another update may have won the lock meanwhile
-            for name, tensor in items:
-                dst = targets[name]
-                dst.copy_(torch.as_tensor(tensor).to(device=dst.device, dtype=dst.dtype))
-            self._version = version
+        with self._cv:  # stop admission so the running batch drains and the worker lets go of the model
+            self._updates_waiting += 1
+            self._cv.notify_all()
+        try:
+            with self._model_lock, torch.no_grad():
+                check_version(self._version, version)  # another update may have won the lock meanwhile
+                for name, tensor in items:
+                    dst = targets[name]
+                    dst.copy_(torch.as_tensor(tensor).to(device=dst.device, dtype=dst.dtype))
+                self._version = version
+        finally:
+            with self._cv:
+                self._updates_waiting -= 1
+                self._cv.notify_all()
 
     @property
     def version(self) -> int:
         return self._version
 
     def health(self) -> dict:
-        loop_ok = self._loop is None or not self._scheduler.done()
-        return {"ok": loop_ok, "kind": "hf", "version": self._version, "device": self.device, "dtype": self.dtype,
-                "pending": len(self._queue) if self._loop else 0, "running": self._running_rows,
-                "paused": bool(self._loop and not self._unpaused.is_set()), **self._stats}
+        return {"ok": not self._closed, "kind": "hf", "version": self._version, "device": self.device,
+                "dtype": self.dtype, "continuous": self.continuous, "pending": len(self._queue),
+                "running": self._running_rows, "paused": self._paused, **self._stats}
 
     async def pause(self, mode: PauseMode = PauseMode.WAIT) -> None:
-        """Stop starting batches; with ABORT also cut the running one. Returns once nothing runs."""
-        self._ensure_scheduler()
-        self._unpaused.clear()
-        if mode is PauseMode.ABORT:
-            self._abort.set()
-        await self._idle.wait()
+        """Stop admitting requests; with ABORT also cut the running rows. Returns once nothing runs."""
+        with self._cv:
+            self._paused = True
+            if mode is PauseMode.ABORT:
+                self._abort.set()
+            self._cv.notify_all()
+        await asyncio.to_thread(self._wait_idle)
         self._abort.clear()
 
+    def _wait_idle(self) -> None:
+        with self._cv:
+            while self._worker_busy:
+                self._cv.wait()
+
     async def resume(self) -> None:
-        self._ensure_scheduler()
-        self._unpaused.set()
+        with self._cv:
+            self._paused = False
+            self._start_worker_locked()
+            self._cv.notify_all()
 
     async def close(self) -> None:
-        if self._loop is not None and not self._scheduler.done():
-            self._scheduler.cancel()
-            for p in self._queue:
-                if not p.future.done():
-                    p.future.cancel()
-        self._executor.shutdown(wait=True)
+        """Abort running rows, cancel queued requests, stop the worker."""
+        with self._cv:
+            self._closed = True
+            self._abort.set()
+            queued = list(self._queue)
+            self._queue.clear()
+            self._cv.notify_all()
+        for p in queued:
+            p.loop.call_soon_threadsafe(p.future.cancel)
+        await asyncio.to_thread(self._executor.shutdown, True)
 
 
 def sample_tokens(logits, temps, top_ps, generators) -> tuple[Any, Any]:
