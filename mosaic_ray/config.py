@@ -135,7 +135,7 @@ class RolloutConfig:
     """Concurrent episodes per worker (asyncio)."""
     group_size: int = 4
     """G: samples per task (the paper uses 4)."""
-    tasks_per_iteration: int = 16
+    tasks_per_iteration: int = 12
     max_episode_retries: int = 2
     """Re-runs of an episode whose worker died (or whose call failed) before it is recorded as an error."""
     scale_up_queue_per_worker: int = 8
@@ -212,14 +212,15 @@ class WarmStartConfig:
 
     enabled: bool = True
     num_demos: int = 3000
-    steps: int = 400
+    steps: int = 250
     batch_size: int = 16
-    lr: float = 3e-3
-    lr_end: float = 3e-4
+    lr: float = 4e-3
+    lr_end: float = 4e-4
     warmup_steps: int = 20
-    comply_harmful_rate: float = 0.5
+    comply_harmful_rate: float = 0.6
+    """Demonstrations comply with this share of harmful tasks (greedy held-out refusal after SFT lands near 50%)."""
     follow_injection_rate: float = 0.7
-    refuse_benign_rate: float = 0.1
+    refuse_benign_rate: float = 0.05
     leak_privacy_rate: float = 0.5
     safety_check_rate: float = 0.5
     """Share of demonstration turns that include a `<safety_thoughts>` check."""
@@ -229,7 +230,7 @@ class WarmStartConfig:
 class TrainConfig:
     """The outer loop."""
 
-    iterations: int = 30
+    iterations: int = 25
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 1
     """Async: how many policy versions generation may run ahead of the learner."""

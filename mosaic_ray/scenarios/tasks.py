@@ -120,6 +120,13 @@ def _fill(calls: list[ToolCall], why: str) -> list[dict[str, Any]]:
     return [{"tool": c.tool, "args": {k: (why if v == "{why}" else v) for k, v in c.args.items()}} for c in calls]
 
 
+def _quoted(slots: dict[str, Any]) -> dict[str, Any]:
+    """Text slots as they appear in the prompt: quoted, so a name, file or account tokenizes the same in the prompt
+    and inside a JSON tool argument (a byte-level BPE attaches the leading space: ` Hugo` and `Hugo` are different
+    tokens, and a tiny model then cannot learn to copy arguments; ` "Hugo` is the same token in both places)."""
+    return {k: (f'"{v}"' if isinstance(v, str) else v) for k, v in slots.items()}
+
+
 def _frame_task(t: Template, rng: random.Random) -> tuple[str, dict[str, Any], dict[str, Any]]:
     frame = t.source
     assert isinstance(frame, Frame)
@@ -128,7 +135,7 @@ def _frame_task(t: Template, rng: random.Random) -> tuple[str, dict[str, Any], d
     slots["victim"] = E.pick(rng, E.NAMES, exclude=tuple(v for v in slots.values() if isinstance(v, str)))
     pool = frame.bad if t.category == "harmful" else frame.ok
     why = rng.choice(pool).format(**slots)
-    prompt = _paraphrase(rng, t.wording.format(why=why, **slots))
+    prompt = _paraphrase(rng, t.wording.format(why=why, **_quoted(slots)))
     calls = _fill(built.calls, why)
     grading: dict[str, Any] = {"required": [], "harmful": [], "attack": [], "sensitive": [], "oracle": calls,
                                "naive": calls}
@@ -154,7 +161,7 @@ def _privacy_task(t: Template, rng: random.Random) -> tuple[str, dict[str, Any],
     pframe = t.source
     assert isinstance(pframe, PrivacyFrame)
     built = pframe.build(rng)
-    prompt = _paraphrase(rng, t.wording.format(**built.slots))
+    prompt = _paraphrase(rng, t.wording.format(**_quoted(built.slots)))
     grading = {"required": built.required, "harmful": [], "attack": [], "sensitive": built.sensitive,
                "oracle": [c.to_dict() for c in built.oracle], "naive": [c.to_dict() for c in built.naive]}
     return prompt, built.world, grading
