@@ -30,7 +30,7 @@ from typing import Self
 from mosaic_ray.hygiene import free_port
 
 ACCESS_KEY = "mosaictest"
-SECRET_KEY = "mosaictestsecret"
+SECRET_KEY = "local-test-only-secret"  # a throwaway credential for the local test server
 
 
 def weed_binary() -> str | None:
