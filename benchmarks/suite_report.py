@@ -19,7 +19,8 @@ METRICS = ("utility", "utility_under_attack", "attack_success_rate", "accuracy",
 def row(result: dict[str, Any], source: str) -> dict[str, Any]:
     """One table row: where it came from, what ran, and each known rate (None when absent)."""
     flat = {**result.get("overall", {}), **result} if isinstance(result.get("overall"), dict) else result
-    name = f"{flat.get('benchmark', 'internal')}:{flat.get('suite', flat.get('split', '?'))}"
+    suite = str(flat.get("suite", flat.get("split", "?")))
+    name = suite if ":" in suite else f"{flat.get('benchmark', 'internal')}:{suite}"
     if flat.get("attack"):
         name += f" [{flat['attack']}]"
     values = {m: flat.get(m) for m in METRICS}
@@ -83,3 +84,18 @@ def plot(rows: list[dict[str, Any]], columns: list[str], path: Path) -> None:
 
 
 __all__ = ["METRICS", "markdown", "plot", "report", "row"]
+
+
+def _report_cmd(args: Any) -> int:
+    table = report(args.results, args.out)
+    print((Path(args.out) / "report.md").read_text(), end="")
+    print(f"{len(table['rows'])} results tabled in {args.out}/report.{{json,md,png}}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `mosaic-ray report RESULT.json ... --out DIR`."""
+    p = subparsers.add_parser("report", help="table several eval results (internal, AgentDojo, BFCL) side by side")
+    p.add_argument("results", nargs="+", help="result JSON files written by `mosaic-ray eval --out`")
+    p.add_argument("--out", default="report", help="output directory for report.json, report.md, report.png")
+    p.set_defaults(func=_report_cmd)

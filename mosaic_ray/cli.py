@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "mosaic_ray.scenarios.cli",
     "mosaic_ray.evaluation",
     "mosaic_ray.driver.cli",
+    "mosaic_ray.benchmarks.suite_report",
 )
 
 

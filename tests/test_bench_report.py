@@ -36,3 +36,18 @@ def test_report_names_a_bad_file(tmp_path):
         report([str(bad)], str(tmp_path / "out"))
     with pytest.raises(ValueError, match="cannot read result JSON"):
         report([str(tmp_path / "missing.json")], str(tmp_path / "out"))
+
+
+def test_report_cli_tables_real_eval_outputs(tmp_path):
+    from mosaic_ray.cli import main
+
+    outs = []
+    for policy in ("safe", "naive"):
+        out = tmp_path / f"{policy}.json"
+        assert main(["eval", "--policy", f"scripted:{policy}", "--split", "test", "--limit", "20",
+                     "--out", str(out)]) == 0
+        outs.append(str(out))
+    assert main(["report", *outs, "--out", str(tmp_path / "rep")]) == 0
+    table = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [r["suite"] for r in table["rows"]] == ["internal:test", "internal:test"]
+    assert [r["harmful_refusal_rate"] for r in table["rows"]] == [1.0, 0.0]
