@@ -13,8 +13,9 @@ join whatever listens on 6379), and the cluster is stopped by PID through an env
 
     python benchmarks/autoscale_demo.py [--actors 4] [--work-s 3] [--json-out result.json]
 
-Prints a timeline, a timing table and one JSON line. The workload is `run_demand`: swap it for the real
-rollout fleet without touching the cluster plumbing.
+Prints a timeline, a timing table and one JSON line. The workload (`run_demand`) is the real rollout fleet with
+`rollout.request_autoscaler`: it asks the autoscaler for worker resources, grows onto the nodes that join, and
+after the run clears its request so the idle nodes are removed.
 """
 
 from __future__ import annotations
@@ -168,39 +169,53 @@ class NodeWatcher:
 
 @dataclass
 class ActorRun:
+    """One rollout worker of the fleet: where it ran and when its first and last episodes finished."""
+
     actor: int
     node_id: str
     started_s: float
     finished_s: float
+    episodes: int = 0
 
 
 def run_demand(cfg: MosaicConfig, *, num_actors: int, work_s: float, t0: float) -> list[ActorRun]:
-    """Create more demand than the head holds and wait for it: `num_actors` rollout-shaped actors, each
-    doing `work_s` of CPU work. The one function to swap for the real rollout fleet."""
-    import ray
+    """A real rollout run that the head cannot hold: the rollout fleet (scripted policy, `work_s` of simulated
+    generation per turn) with `rollout.request_autoscaler` asks Ray's autoscaler for up to `num_actors` workers'
+    resources, grows onto the nodes that join, and streams every trajectory back exactly once."""
+    from mosaic_ray.actors.fleet import RolloutFleet
 
-    @ray.remote
-    class Spinner:
-        def work(self, seconds: float) -> tuple[str, float, float]:
-            start = time.time()
-            x = 0
-            while time.time() - start < seconds:
-                x += 1
-            return ray.get_runtime_context().get_node_id(), start, time.time()
+    from mosaic_ray.models.tiny import cached_tiny_model
+    from mosaic_ray.scenarios import load_tasks
 
-    options = actor_options("rollout", cfg)
-    actors = [Spinner.options(**options).remote() for _ in range(num_actors)]
-    results = ray.get([a.work.remote(work_s) for a in actors])
-    for a in actors:  # release the resources now, so the idle timeout can start
-        ray.kill(a)
-    wall0 = time.time() - (time.monotonic() - t0)  # wall-clock time of t0
-    return [ActorRun(i, nid, round(s - wall0, 2), round(f - wall0, 2)) for i, (nid, s, f) in enumerate(results)]
+    model_dir = cached_tiny_model(cfg.model.tiny)  # the workers' tokenizer
+    fleet_cfg = load_config("tiny-cpu", [
+        f"rollout.num_cpus_per_worker={cfg.rollout.num_cpus_per_worker}", "rollout.min_workers=1",
+        f"rollout.max_workers={num_actors}", "rollout.request_autoscaler=true", "rollout.max_in_flight_per_worker=1",
+        "rollout.scale_up_queue_per_worker=1", "rollout.idle_scale_down_s=1"])
+    tasks = load_tasks("train", size=3 * num_actors, categories=("benign",))
+    seen: dict[str, ActorRun] = {}
+    fleet = RolloutFleet(fleet_cfg, model_dir=str(model_dir), scripted="naive", scripted_delay_s=work_s,
+                         run_id="autoscale-demo")
+    try:
+        n = 0
+        for batch in fleet.stream(tasks, group_size=2, iteration=0):
+            now = round(time.monotonic() - t0, 2)
+            nodes = {wid: info["node_id"] for wid, info in fleet.workers().items()}
+            for wid in batch.column("worker_id").to_pylist():
+                run = seen.setdefault(wid, ActorRun(len(seen), nodes.get(wid, "?"), now, now))
+                run.finished_s, run.episodes = now, run.episodes + 1
+                n += 1
+        if n != 2 * len(tasks):
+            raise RuntimeError(f"autoscale demo: {n} trajectories for {2 * len(tasks)} episodes")
+    finally:
+        fleet.shutdown()  # workers end; the autoscaler request is cleared, so idle nodes can go
+    return list(seen.values())
 
 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def run(num_actors: int = 4, work_s: float = 3.0, cpus_per_node: int = 1, max_nodes: int = 2,
+def run(num_actors: int = 4, work_s: float = 0.5, cpus_per_node: int = 1, max_nodes: int = 2,
         idle_timeout_minutes: float = 0.05, scale_down_timeout_s: float = 60.0) -> dict[str, Any]:
     """Start the fake cluster, run the demand, wait for scale-down, stop everything; return the record."""
     import ray
@@ -238,7 +253,8 @@ def run(num_actors: int = 4, work_s: float = 3.0, cpus_per_node: int = 1, max_no
     timings["total_s"] = time.monotonic() - t_start
     return {
         "actor_options": options,
-        "num_actors": num_actors,
+        "num_actors": len(runs),
+        "max_workers": num_actors,
         "work_s": work_s,
         "nodes_added": len(watcher.times("added")),
         "nodes_removed": len(watcher.times("removed")),
@@ -280,8 +296,8 @@ def print_report(rec: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--actors", type=int, default=4, help="rollout-shaped actors to create")
-    parser.add_argument("--work-s", type=float, default=3.0, help="seconds of CPU work per actor")
+    parser.add_argument("--actors", type=int, default=4, help="max rollout workers the fleet may grow to")
+    parser.add_argument("--work-s", type=float, default=0.5, help="simulated generation seconds per turn")
     parser.add_argument("--cpus-per-node", type=int, default=1, help="CPUs of one fake worker node")
     parser.add_argument("--max-nodes", type=int, default=2, help="max worker nodes the autoscaler may add")
     parser.add_argument("--json-out", type=Path, help="also write the JSON record here")
