@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from mosaic_ray.evaluation import _spread
+    from mosaic_ray.evaluation import spread_over_categories
     from mosaic_ray.hygiene import set_torch_threads
     from mosaic_ray.scenarios import load_tasks
 
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             model.save_pretrained(args.save_sft)
             tok.save_pretrained(args.save_sft)
     model.eval()
-    eval_tasks = _spread(load_tasks("test", seed=args.seed, categories=tuple(args.eval_cats)),
+    eval_tasks = spread_over_categories(load_tasks("test", seed=args.seed, categories=tuple(args.eval_cats)),
                          args.eval_size)
     before = {}
     for temp in args.eval_temps:

@@ -129,13 +129,13 @@ def evaluate(policy: str, split: str = "test", *, limit: int | None = None, seed
     if tasks is None:
         tasks = load_tasks(split, seed=seed)
     if limit is not None:
-        tasks = _spread(tasks, limit)
+        tasks = spread_over_categories(tasks, limit)
     report = summarize(resolve_policy(policy)(tasks, protocol_cfg))
     report.update({"policy": policy, "suite": f"internal:{split}"})
     return report
 
 
-def _spread(tasks: list[Any], limit: int) -> list[Any]:
+def spread_over_categories(tasks: list[Any], limit: int) -> list[Any]:
     """The first `limit` tasks taken round-robin over categories (a prefix would be one category only)."""
     by_cat = [[t for t in tasks if t.category == c] for c in CATEGORIES]
     out: list[Any] = []

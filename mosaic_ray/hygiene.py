@@ -119,7 +119,7 @@ class RayHead:
         env["RAY_TMPDIR"] = self.temp_dir
         return env
 
-    def start(self, timeout_s: float = 120.0) -> "RayHead":
+    def start(self, timeout_s: float = 120.0) -> RayHead:
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
         ports = [free_port() for _ in range(7)]
         cmd = [

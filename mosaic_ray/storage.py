@@ -31,7 +31,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -225,9 +225,13 @@ class RunStorage:
         """Filesystem paths of the committed shard files (for `pyarrow.dataset` / Ray Data with `filesystem`)."""
         return [self.path(dataset, s.file) for s in self.committed_shards(dataset)]
 
-    def read_dataset(self, dataset: str, columns: list[str] | None = None) -> pa.Table:
-        """All committed rows of `dataset`, in commit order, as one table (empty table with the schema if none)."""
-        tables = [pq.read_table(p, filesystem=self.filesystem, columns=columns) for p in self.shard_paths(dataset)]
+    def read_dataset(self, dataset: str, columns: list[str] | None = None,
+                     shards: Callable[[ShardInfo], bool] | None = None) -> pa.Table:
+        """Committed rows of `dataset`, in commit order, as one table (empty table with the schema if none);
+        `shards` keeps only the shards it accepts (e.g. by the groups in their manifest entry)."""
+        keep = [s for s in self.committed_shards(dataset) if shards is None or shards(s)]
+        tables = [pq.read_table(self.path(dataset, s.file), filesystem=self.filesystem, columns=columns)
+                  for s in keep]
         if not tables:
             if dataset not in DATASETS:
                 return pa.table({})

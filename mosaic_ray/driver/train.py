@@ -111,14 +111,14 @@ class Trainer:
         from mosaic_ray.actors.fleet import RolloutFleet
         from mosaic_ray.actors.pair_builder import remote_pair_builder
         from mosaic_ray.driver.metrics import DriverMetrics
-        from mosaic_ray.evaluation import _spread
+        from mosaic_ray.evaluation import spread_over_categories
         from mosaic_ray.learners.group import LearnerGroup
 
         cfg = self.cfg
         self.model_dir = resolve_model_dir(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.train_tasks, test = scenario_splits(cfg)
-        self.eval_tasks = _spread(test, cfg.train.eval_size) if cfg.train.eval_size else test
+        self.eval_tasks = spread_over_categories(test, cfg.train.eval_size) if cfg.train.eval_size else test
         self.learner = LearnerGroup(self.model_dir, cfg.learner)
         self.engines = start_engine_actors(cfg.engine, self.model_dir, dtype=cfg.model.dtype)
         self.fleet = RolloutFleet(cfg, model_dir=self.model_dir, engine_handles=self.engines,
@@ -158,13 +158,11 @@ class Trainer:
         self.storage.put_json(f"eval/{tag}.json", report)
         return report
 
-    def rollout(self, iteration: int, m: dict[str, float]) -> None:
+    def rollout(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> None:
         """Generate G samples per task of this iteration and stream them into the pair builder."""
         import ray
 
         cfg = self.cfg
-        tasks = iteration_tasks(self.train_tasks, iteration, cfg.rollout.tasks_per_iteration, cfg.train.seed,
-                                cfg.scenarios.category_weights)
         done = set(ray.get(self.pairs.committed_groups.remote()))
         todo = [t for t in tasks if group_id(self.state.run_id, iteration, t.task_id) not in done]
         n = 0
@@ -178,14 +176,19 @@ class Trainer:
         m["rollout/reused_groups"] = float(len(tasks) - len(todo))
         m["rollout/episodes_per_s"] = n / max(m["time/rollout_s"], 1e-9)
 
-    def judge(self, iteration: int, m: dict[str, float]) -> tuple[Any, Any]:
-        """Commit this iteration's groups (pairs + rewards) and read back the committed shards."""
+    def judge(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> tuple[Any, Any]:
+        """Commit this iteration's groups (pairs + rewards) and read back only the shards holding them."""
         import ray
+
+        groups = {group_id(self.state.run_id, iteration, t.task_id) for t in tasks}
+
+        def ours(shard: Any) -> bool:
+            return not groups.isdisjoint(shard.meta.get("groups", ()))
 
         with timed(m, "judge"):
             stats = ray.get(self.pairs.flush.remote())
-            traj = self.storage.read_dataset("trajectories")
-            rewards = self.storage.read_dataset("rewards")
+            traj = self.storage.read_dataset("trajectories", shards=ours)
+            rewards = self.storage.read_dataset("rewards", shards=ours)
         it = traj.filter(pc_equal(traj, "iteration", iteration))
         rw = rewards.filter(pc_isin(rewards, "traj_id", it.column("traj_id")))
         m["pairs/written"] = float(stats.get("pairs_written", 0))
@@ -233,8 +236,11 @@ class Trainer:
     def collect(self, iteration: int) -> tuple[dict[str, float], Any, Any]:
         """Rollout + judge of one iteration: the data plane half, which async mode overlaps with updates."""
         m: dict[str, float] = {"iteration": float(iteration), "rollout/policy_version": float(self.state.policy_version)}
-        self.rollout(iteration, m)
-        traj, rewards = self.judge(iteration, m)
+        cfg = self.cfg
+        tasks = iteration_tasks(self.train_tasks, iteration, cfg.rollout.tasks_per_iteration, cfg.train.seed,
+                                cfg.scenarios.category_weights)
+        self.rollout(iteration, tasks, m)
+        traj, rewards = self.judge(iteration, tasks, m)
         return m, traj, rewards
 
     def learn(self, m: dict[str, float], traj: Any, rewards: Any) -> dict[str, float]:
