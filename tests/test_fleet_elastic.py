@@ -31,7 +31,9 @@ def test_fleet_grows_onto_a_new_node_and_shrinks_when_it_leaves(tiny_model_dir):
     # nothing lost, nothing duplicated, although a node died with episodes in flight
     assert out["rows"] == out["unique"] == out["expected"] == 160 and out["max_per_id"] == 1
     assert out["phase"] == "removed" and out["in_flight_on_new_node_at_removal"] > 0
-    assert out["stats"]["retries"] >= out["in_flight_on_new_node_at_removal"]
+    # episodes lost with the node were re-run elsewhere; the in-flight count is a snapshot taken just before
+    # `remove_node`: episodes that finish during the removal are (correctly) not re-run, so it is no lower bound
+    assert out["stats"]["retries"] >= 1
     # grew onto the node that joined (no restart), and did work there
     assert out["nodes_seen"]["before_add"] == [head]
     assert set(out["nodes_seen"]["grown"]) == {head, new} and out["workers_at_peak"] >= 3
