@@ -77,7 +77,7 @@ class Learner:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-            set_torch_threads(1)
+            set_torch_threads(cfg.cpu_threads)
         torch.manual_seed(cfg.seed + rank)
         random.seed(cfg.seed + rank)
         import numpy as np

@@ -114,6 +114,9 @@ class EngineConfig:
     """vLLM sleep/wake when colocated with learners."""
     device: str = "auto"
     """HF engine device: `auto` (cuda when visible, else cpu), `cpu`, `cuda`, `cuda:N`."""
+    cpu_threads: int = 1
+    """Torch threads of an HF engine on CPU. 1 when engines share cores with learners (two 2-thread processes
+    on 2 busy cores ran 5-25x slower); sync mode may give more, as the learner idles during rollouts."""
     seed: int = 0
     """Seed of the engine's generator, used by requests that carry no seed of their own."""
     weight_transfer_backend: Literal["nccl", "none"] = "nccl"
@@ -181,6 +184,9 @@ class LearnerConfig:
     """Learner actors; 0 runs one in-process learner (tests)."""
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    cpu_threads: int = 1
+    """Torch threads of a CPU learner. 1 when the learner overlaps engines (async mode); in sync mode nothing
+    else computes during SFT and updates, so the tiny default gives it 2 (1.4-1.5x faster steps here)."""
     backend: Literal["gloo", "nccl"] = "gloo"
     strategy: Literal["ddp", "fsdp2"] = "ddp"
     algorithm: Literal["mosaic_grpo", "scalar_grpo", "dpo"] = "mosaic_grpo"
@@ -224,6 +230,11 @@ class WarmStartConfig:
     leak_privacy_rate: float = 0.5
     safety_check_rate: float = 0.5
     """Share of demonstration turns that include a `<safety_thoughts>` check."""
+    replay_coef: float = 0.0
+    """Helpfulness replay during RL (PPO-ptx style): after each RL update, one SFT step on mistake-free
+    demonstrations of benign training tasks at `replay_coef x learner.lr`. 0 turns it off. RL pushes the shared
+    "refuse" decision up on harmful look-alikes; the replay holds it down where a task is legitimate."""
+    replay_batch_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -375,10 +386,10 @@ def _validate(obj: Any, prefix: str) -> None:
                           "intermediate_size"),
         ProtocolConfig: ("max_steps", "max_new_tokens", "max_episode_tokens", "max_argument_chars",
                          "max_observation_chars"),
-        EngineConfig: ("num_engines", "max_batch_size", "tensor_parallel_size"),
+        EngineConfig: ("num_engines", "max_batch_size", "tensor_parallel_size", "cpu_threads"),
         RolloutConfig: ("max_workers", "episodes_per_worker", "tasks_per_iteration"),
-        LearnerConfig: ("lr", "micro_batch_tokens", "epochs_per_iteration", "logprob_chunk_size"),
-        WarmStartConfig: ("batch_size",),
+        LearnerConfig: ("lr", "micro_batch_tokens", "epochs_per_iteration", "logprob_chunk_size", "cpu_threads"),
+        WarmStartConfig: ("batch_size", "replay_batch_size"),
         JudgeConfig: ("length_budget", "num_workers"),
     }.get(type(obj), ())
     for key in positive:
@@ -393,6 +404,8 @@ def _validate(obj: Any, prefix: str) -> None:
         for key in ("comply_harmful_rate", "follow_injection_rate", "refuse_benign_rate", "leak_privacy_rate",
                     "safety_check_rate"):
             need(0 <= getattr(obj, key) <= 1, key, "must be a rate in [0, 1]")
+    if isinstance(obj, WarmStartConfig):
+        need(obj.replay_coef >= 0, "replay_coef", "must be >= 0 (0 = no replay)")
     if isinstance(obj, LearnerConfig):
         need(obj.num_learners >= 0, "num_learners", "must be >= 0 (0 = in-process)")
         need(obj.clip_eps > 0, "clip_eps", "must be > 0")

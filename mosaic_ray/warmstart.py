@@ -53,6 +53,16 @@ def warmstart_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train", 
     return demo_samples(demonstrations(tasks, policy), tokenizer, max_tokens=max_tokens)
 
 
+def replay_samples(tasks: Sequence[Any], tokenizer, *, max_tokens: int | None = None) -> list[PolicySample]:
+    """Mistake-free demonstrations of the benign tasks among `tasks`, tokenized: the helpfulness replay."""
+    from mosaic_ray.policies.scripted import ScriptedPolicy, demonstrations
+
+    benign = [t for t in tasks if t.category == "benign"]
+    if not benign:
+        raise ValueError("warmstart.replay_coef > 0 needs benign training tasks to replay; the task set has none")
+    return demo_samples(demonstrations(benign, ScriptedPolicy()), tokenizer, max_tokens=max_tokens)
+
+
 def lr_at(step: int, cfg: WarmStartConfig) -> float:
     """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `lr_end` at `steps` (learnability §3)."""
     if step < cfg.warmup_steps:
@@ -62,22 +72,39 @@ def lr_at(step: int, cfg: WarmStartConfig) -> float:
     return cfg.lr_end + 0.5 * (cfg.lr - cfg.lr_end) * (1 + math.cos(math.pi * progress))
 
 
+BUCKET_WINDOW = 8
+"""Batches whose samples are sorted by length together (length bucketing: about a third less padding)."""
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of index batches: shuffle, sort by length within windows of `BUCKET_WINDOW` batches, cut, and
+    shuffle the batches. Every index appears once (the last batch of the epoch may be short)."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = BUCKET_WINDOW * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
 def run_warmstart(group, samples: Sequence[PolicySample], cfg: WarmStartConfig, *, seed: int = 0,
                   steps: int | None = None, on_step: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """`steps` (default cfg.steps) SFT steps of `cfg.batch_size` demonstrations drawn without replacement per
-    epoch; `group` is anything with `sft_update(samples, *, lr)` (a LearnerGroup). Returns each step's metrics."""
+    """`steps` (default cfg.steps) SFT steps of up to `cfg.batch_size` demonstrations, each drawn once per epoch
+    in length-bucketed batches (`epoch_batches`); `group` is anything with `sft_update(samples, *, lr)` (a
+    LearnerGroup). Returns each step's metrics."""
     if not samples:
         raise ValueError("run_warmstart: no demonstration samples")
     rng = random.Random(seed)
-    order: list[int] = []
+    lengths = [len(s.input_ids) for s in samples]
+    pending: list[list[int]] = []
     history = []
     for step in range(cfg.steps if steps is None else steps):
-        if len(order) < cfg.batch_size:
-            fresh = list(range(len(samples)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch = [samples[i] for i in order[:cfg.batch_size]]
-        del order[:cfg.batch_size]
+        if not pending:
+            pending = epoch_batches(lengths, cfg.batch_size, rng)
+        batch = [samples[i] for i in pending.pop()]
         metrics = group.sft_update(batch, lr=lr_at(step, cfg))
         history.append(metrics)
         if on_step is not None:

@@ -79,6 +79,10 @@ def test_unknown_keys_are_named():
 def test_bad_values_and_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match=r"rollout\.group_size: must be >= 2"):
         load_config("tiny-cpu", ["rollout.group_size=1"])
+    with pytest.raises(ConfigError, match=r"learner\.cpu_threads: must be > 0"):
+        load_config("tiny-cpu", ["learner.cpu_threads=0"])
+    with pytest.raises(ConfigError, match=r"warmstart\.replay_coef: must be >= 0"):
+        load_config("tiny-cpu", ["warmstart.replay_coef=-1"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("learner: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):

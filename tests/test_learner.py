@@ -8,6 +8,7 @@ from mosaic_ray.learners import LearnerGroup
 
 from mosaic_ray.algorithms.batch import PolicySample, PreferencePair, pack_micro_batches, shard
 from mosaic_ray.config import LearnerConfig
+from mosaic_ray.hygiene import set_torch_threads
 
 
 def random_batch(n: int, seed: int, vocab: int = 150, adv_sign: bool = True) -> list[PolicySample]:
@@ -57,6 +58,16 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir):
     one_seq.update(batch)
     many_seq.update(batch)
     assert max_diff(one_seq.get_weights(), many_seq.get_weights()) < 1e-6
+
+
+def test_cpu_learner_runs_with_the_configured_torch_threads(tiny_model_dir):
+    before = torch.get_num_threads()
+    try:
+        lg = LearnerGroup(tiny_model_dir, LearnerConfig(num_learners=0, cpu_threads=2))
+        assert torch.get_num_threads() == 2
+        lg.update(random_batch(2, seed=1))
+    finally:
+        set_torch_threads(before)
 
 
 def test_bad_inputs_name_the_item(tiny_model_dir):

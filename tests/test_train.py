@@ -17,7 +17,8 @@ from mosaic_ray.storage import RunStorage
 # Small enough for CI on 2 cores; still every stage: warm start, evaluation, 3 iterations, checkpoints, report.
 FAST = ["warmstart.steps=4", "warmstart.num_demos=40", "train.iterations=3", "train.eval_size=8",
         "rollout.tasks_per_iteration=2", "protocol.max_steps=3", "protocol.max_new_tokens=24",
-        "scenarios.train_size=100", "scenarios.test_size=40"]
+        "scenarios.train_size=100", "scenarios.test_size=40", "warmstart.replay_coef=1.0",
+        "warmstart.replay_batch_size=4"]
 EVAL_KEYS = ("harmful_refusal_rate", "harmful_action_rate", "injection_success_rate", "benign_success_rate",
              "over_refusal_rate", "privacy_leak_rate", "format_error_rate", "safety_check_rate", "mean_tokens")
 
@@ -42,8 +43,10 @@ def test_run_directory_is_complete(full_run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     for r in rows:
-        for key in ("rollout/episodes", "reward/mean", "update/samples", "time/weight_sync_s", "policy_version"):
+        for key in ("rollout/episodes", "reward/mean", "update/samples", "time/weight_sync_s", "policy_version",
+                    "replay/nll"):
             assert key in r, key
+        assert r["replay/samples"] == 4 and 0 < r["replay/nll"] < 20
         # a group whose G rewards tie carries no signal and is skipped; any sample left means an update ran
         assert ("learner/loss" in r) == (r["update/samples"] > 0)
     assert any("learner/loss" in r for r in rows)

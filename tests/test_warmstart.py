@@ -67,3 +67,40 @@ def test_mistake_rates_reach_the_demonstrations(tiny_model_dir):
         text = [tok.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m]) for s in samples]
         refusals.append(sum('"refuse"' in t for t in text))
     assert refusals[0] > refusals[1], refusals
+
+
+def test_epoch_batches_cover_every_sample_once_and_cut_padding():
+    import random
+
+    from mosaic_ray.warmstart import epoch_batches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(100, 400) for _ in range(1000)]
+    batches = epoch_batches(lengths, 16, random.Random(1))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert all(1 <= len(b) <= 16 for b in batches)
+
+    def padded(bs):
+        return sum(len(b) * max(lengths[i] for i in b) for b in bs)
+
+    order = list(range(1000))
+    random.Random(1).shuffle(order)
+    unbucketed = [order[k:k + 16] for k in range(0, 1000, 16)]
+    assert padded(batches) < 0.85 * padded(unbucketed)
+
+
+def test_replay_demonstrates_only_benign_tasks_without_mistakes(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from mosaic_ray.scenarios import load_tasks
+    from mosaic_ray.warmstart import replay_samples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tasks = load_tasks("train", size=40, seed=0)
+    samples = replay_samples(tasks, tok)
+    assert len(samples) == sum(t.category == "benign" for t in tasks) > 0
+    assert {s.traj_id.split("/")[0] for s in samples} == {"train:benign"}
+    text = [tok.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m]) for s in samples]
+    assert not any('"refuse"' in t for t in text)
+    with pytest.raises(ValueError, match="replay_coef > 0 needs benign training tasks"):
+        replay_samples([t for t in tasks if t.category == "harmful"], tok)

@@ -34,7 +34,8 @@ def make_engine(cfg: EngineConfig, model_path: str | None, *, dtype: str = "floa
         from .hf import HFEngine
 
         return HFEngine(_need_path(model_path, cfg), max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                        dtype=dtype, device=cfg.device, max_model_len=cfg.max_model_len, seed=cfg.seed)
+                        dtype=dtype, device=cfg.device, max_model_len=cfg.max_model_len, seed=cfg.seed,
+                        cpu_threads=cfg.cpu_threads)
     if cfg.kind == "vllm":
         from .vllm import VLLMEngine
 

@@ -176,14 +176,15 @@ class HFEngine(Engine):
     """A Hugging Face causal LM served with continuous batching. See the module docstring for the design."""
 
     def __init__(self, model_path: str, *, max_batch_size: int = 64, max_wait_ms: float = 5.0,
-                 dtype: str = "float32", device: str = "auto", max_model_len: int | None = None, seed: int = 0):
+                 dtype: str = "float32", device: str = "auto", max_model_len: int | None = None, seed: int = 0,
+                 cpu_threads: int = 1):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
         from transformers.cache_utils import DynamicLayer
 
         from mosaic_ray.hygiene import set_torch_threads
 
-        set_torch_threads(1)
+        set_torch_threads(cpu_threads)
         if max_batch_size < 1:
             raise ValueError(f"HFEngine: max_batch_size must be >= 1, got {max_batch_size}")
         self.model_path = str(model_path)

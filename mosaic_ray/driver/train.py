@@ -88,6 +88,7 @@ class Trainer:
         self.storage = RunStorage(run_uri)
         self.resume = resume
         self.progress = progress
+        self._replay: list[Any] | None = None
         self.t_start = time.time()
         if resume:
             if not self.storage.exists("state.json"):
@@ -214,6 +215,23 @@ class Trainer:
                     out = self.learner.update(samples, algorithm=self.cfg.learner.algorithm)
                 m.update({k if "/" in k else f"learner/{k}": float(v) for k, v in out.items()
                           if isinstance(v, (int, float))})
+            if self.cfg.warmstart.replay_coef > 0:
+                m.update(self.replay(int(m["iteration"])))
+
+    def replay(self, iteration: int) -> dict[str, float]:
+        """One SFT step on benign demonstrations (see `WarmStartConfig.replay_coef`); seeded by iteration, so a
+        resumed run replays the same batches."""
+        from mosaic_ray.warmstart import replay_samples
+
+        ws = self.cfg.warmstart
+        if self._replay is None:
+            self._replay = replay_samples(self.train_tasks, self.tokenizer,
+                                          max_tokens=self.cfg.protocol.max_episode_tokens)
+        rng = random.Random(f"{self.cfg.train.seed}:replay:{iteration}")
+        batch = rng.sample(self._replay, min(ws.replay_batch_size, len(self._replay)))
+        out = self.learner.sft_update(batch, lr=ws.replay_coef * self.cfg.learner.lr)
+        return {"replay/nll": float(out.get("learner/nll", out.get("learner/loss", 0.0))),
+                "replay/samples": float(len(batch))}
 
     def sync(self, m: dict[str, float]) -> None:
         """Push the new weights to every engine with the next version (object-store path)."""
