@@ -104,7 +104,7 @@ def sft(model, tok, args, clock: Clock) -> list[float]:
     import torch
 
     from mosaic_ray.config import WarmStartConfig
-    from mosaic_ray.warmstart import lr_at, warmstart_samples
+    from mosaic_ray.warmstart import epoch_batches, lr_at, warmstart_samples
 
     ws = WarmStartConfig(num_demos=args.demos, steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr,
                          lr_end=args.sft_lr / 10, comply_harmful_rate=args.comply,
@@ -116,18 +116,10 @@ def sft(model, tok, args, clock: Clock) -> list[float]:
     losses = []
 
     batches: list[list[int]] = []
+    lengths = [len(s.input_ids) for s in samples]
 
     def refill() -> None:
-        # Length-bucketed batches (sort within windows of 8 batches): ~1/3 less padding than random batches.
-        fresh = list(range(len(samples)))
-        rng.shuffle(fresh)
-        win = 8 * ws.batch_size
-        new = []
-        for w in range(0, len(fresh), win):
-            chunk = sorted(fresh[w:w + win], key=lambda j: len(samples[j].input_ids))
-            new += [chunk[k:k + ws.batch_size] for k in range(0, len(chunk), ws.batch_size)]
-        rng.shuffle(new)
-        batches.extend(b for b in new if len(b) == ws.batch_size)
+        batches.extend(b for b in epoch_batches(lengths, ws.batch_size, rng) if len(b) == ws.batch_size)
 
     def step(i: int) -> float:
         if not batches:

@@ -404,7 +404,6 @@ def _validate(obj: Any, prefix: str) -> None:
         for key in ("comply_harmful_rate", "follow_injection_rate", "refuse_benign_rate", "leak_privacy_rate",
                     "safety_check_rate"):
             need(0 <= getattr(obj, key) <= 1, key, "must be a rate in [0, 1]")
-    if isinstance(obj, WarmStartConfig):
         need(obj.replay_coef >= 0, "replay_coef", "must be >= 0 (0 = no replay)")
     if isinstance(obj, LearnerConfig):
         need(obj.num_learners >= 0, "num_learners", "must be >= 0 (0 = in-process)")

@@ -34,7 +34,7 @@ class EngineActor:
 
         from . import make_engine
 
-        set_torch_threads(cfg.cpu_threads if cfg.kind == "hf" else 1)
+        set_torch_threads(1)  # an HF engine then sets its own `cpu_threads`
         self.engine = make_engine(cfg, model_path, dtype=dtype)
         self._weight_group = None
 

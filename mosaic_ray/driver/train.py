@@ -230,8 +230,7 @@ class Trainer:
         rng = random.Random(f"{self.cfg.train.seed}:replay:{iteration}")
         batch = rng.sample(self._replay, min(ws.replay_batch_size, len(self._replay)))
         out = self.learner.sft_update(batch, lr=ws.replay_coef * self.cfg.learner.lr)
-        return {"replay/nll": float(out.get("learner/nll", out.get("learner/loss", 0.0))),
-                "replay/samples": float(len(batch))}
+        return {"replay/nll": float(out["learner/nll"]), "replay/samples": float(len(batch))}
 
     def sync(self, m: dict[str, float]) -> None:
         """Push the new weights to every engine with the next version (object-store path)."""
