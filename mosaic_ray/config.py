@@ -230,6 +230,10 @@ class WarmStartConfig:
     leak_privacy_rate: float = 0.5
     safety_check_rate: float = 0.5
     """Share of demonstration turns that include a `<safety_thoughts>` check."""
+    copy_weight: float = 1.0
+    """SFT loss weight of tool-argument tokens copied from the user's request (names, accounts, files); the rest
+    weigh 1. To a tiny model a copy error is a few tokens among a hundred, and it never learns to copy
+    (learnability §3); at 8, held-out first calls with every argument right went from 6 to 17 of 80 (README)."""
     replay_coef: float = 0.0
     """Helpfulness replay during RL (PPO-ptx style): after each RL update, one SFT step on mistake-free
     demonstrations of benign training tasks at `replay_coef x learner.lr`. 0 turns it off. RL pushes the shared
@@ -405,6 +409,7 @@ def _validate(obj: Any, prefix: str) -> None:
                     "safety_check_rate"):
             need(0 <= getattr(obj, key) <= 1, key, "must be a rate in [0, 1]")
         need(obj.replay_coef >= 0, "replay_coef", "must be >= 0 (0 = no replay)")
+        need(obj.copy_weight >= 1, "copy_weight", "must be >= 1 (1 = every token weighs the same)")
     if isinstance(obj, LearnerConfig):
         need(obj.num_learners >= 0, "num_learners", "must be >= 0 (0 = in-process)")
         need(obj.clip_eps > 0, "clip_eps", "must be > 0")

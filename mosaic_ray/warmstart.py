@@ -10,6 +10,7 @@ assistant-token mask (`return_assistant_tokens_mask`), so system, user and tool-
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -19,12 +20,43 @@ from mosaic_ray.algorithms.batch import PolicySample
 from mosaic_ray.config import WarmStartConfig
 
 
-def demo_samples(demos: Sequence[dict[str, Any]], tokenizer, *, max_tokens: int | None = None) -> list[PolicySample]:
-    """Tokenize demonstrations (`messages`, `tools`, `task_id`); drop ones longer than `max_tokens`."""
+def _render(tokenizer, messages: Sequence[dict[str, Any]], tools: Any, **kw: Any) -> Any:
+    return tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=True, return_dict=True, **kw)
+
+
+def copy_weights(ids: Sequence[int], mask: Sequence[int], request_ids: set[int], tokenizer,
+                 weight: float) -> list[float]:
+    """`weight` on assistant tokens inside a tool call's arguments that also occur in the user's request — the
+    names, accounts and files a call must copy — and 1 everywhere else. A tool call's arguments are the rest of
+    an assistant run after its first token that spells `arguments`."""
+    out = [1.0] * len(ids)
+    special = set(tokenizer.all_special_ids)
+    in_args = False
+    for k, (tid, m) in enumerate(zip(ids, mask)):
+        if not m:
+            in_args = False
+            continue
+        text = _decode_one(tokenizer, tid)
+        if not in_args:
+            in_args = "arguments" in text
+        elif tid in request_ids and tid not in special and any(ch.isalnum() for ch in text):
+            out[k] = weight
+    return out
+
+
+@functools.lru_cache(maxsize=65536)
+def _decode_one(tokenizer, tid: int) -> str:
+    return tokenizer.decode([tid])
+
+
+def demo_samples(demos: Sequence[dict[str, Any]], tokenizer, *, max_tokens: int | None = None,
+                 copy_weight: float = 1.0) -> list[PolicySample]:
+    """Tokenize demonstrations (`messages`, `tools`, `task_id`); drop ones longer than `max_tokens`. With
+    `copy_weight` > 1, argument tokens copied from the first user message get that loss weight (`copy_weights`)."""
     samples = []
     for i, demo in enumerate(demos):
-        enc = tokenizer.apply_chat_template(demo["messages"], tools=demo.get("tools") or None, tokenize=True,
-                                            return_dict=True, return_assistant_tokens_mask=True)
+        messages, tools = demo["messages"], demo.get("tools")
+        enc = _render(tokenizer, messages, tools, return_assistant_tokens_mask=True)
         ids, mask = list(enc["input_ids"]), [int(m) for m in enc["assistant_masks"]]
         where = f"demonstration {i} (task {demo.get('task_id', '?')})"
         if len(mask) != len(ids):
@@ -34,8 +66,13 @@ def demo_samples(demos: Sequence[dict[str, Any]], tokenizer, *, max_tokens: int 
                              f"with {{% generation %}}?")
         if max_tokens is not None and len(ids) > max_tokens:
             continue
+        weights = None
+        if copy_weight != 1.0:
+            request = next(m["content"] for m in messages if m["role"] == "user")
+            request_ids = set(tokenizer(request, add_special_tokens=False)["input_ids"])
+            weights = copy_weights(ids, mask, request_ids, tokenizer, copy_weight)
         samples.append(PolicySample(input_ids=ids, loss_mask=mask, old_logprobs=[0.0] * len(ids),
-                                    traj_id=str(demo.get("task_id", i))))
+                                    traj_id=str(demo.get("task_id", i)), loss_weights=weights))
     return samples
 
 
@@ -50,17 +87,19 @@ def warmstart_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train", 
                             refuse_benign_rate=cfg.refuse_benign_rate, leak_privacy_rate=cfg.leak_privacy_rate,
                             safety_check_rate=cfg.safety_check_rate, seed=seed)
     tasks = load_tasks(split, size=cfg.num_demos, seed=seed)
-    return demo_samples(demonstrations(tasks, policy), tokenizer, max_tokens=max_tokens)
+    return demo_samples(demonstrations(tasks, policy), tokenizer, max_tokens=max_tokens, copy_weight=cfg.copy_weight)
 
 
-def replay_samples(tasks: Sequence[Any], tokenizer, *, max_tokens: int | None = None) -> list[PolicySample]:
+def replay_samples(tasks: Sequence[Any], tokenizer, *, max_tokens: int | None = None,
+                   copy_weight: float = 1.0) -> list[PolicySample]:
     """Mistake-free demonstrations of the benign tasks among `tasks`, tokenized: the helpfulness replay."""
     from mosaic_ray.policies.scripted import ScriptedPolicy, demonstrations
 
     benign = [t for t in tasks if t.category == "benign"]
     if not benign:
         raise ValueError("warmstart.replay_coef > 0 needs benign training tasks to replay; the task set has none")
-    return demo_samples(demonstrations(benign, ScriptedPolicy()), tokenizer, max_tokens=max_tokens)
+    return demo_samples(demonstrations(benign, ScriptedPolicy()), tokenizer, max_tokens=max_tokens,
+                        copy_weight=copy_weight)
 
 
 def lr_at(step: int, cfg: WarmStartConfig) -> float:

@@ -83,6 +83,8 @@ def test_bad_values_and_files_are_named(tmp_path):
         load_config("tiny-cpu", ["learner.cpu_threads=0"])
     with pytest.raises(ConfigError, match=r"warmstart\.replay_coef: must be >= 0"):
         load_config("tiny-cpu", ["warmstart.replay_coef=-1"])
+    with pytest.raises(ConfigError, match=r"warmstart\.copy_weight: must be >= 1"):
+        load_config("tiny-cpu", ["warmstart.copy_weight=0.5"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("learner: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):

@@ -78,8 +78,9 @@ def test_every_ground_truth_and_naive_sequence_replays_strictly(train, test_task
             box = make_sandbox(t.world, t.tools)
             observations = [box.call(c.tool, c.args, strict=True)[0] for c in calls]
         if t.category == "injection":
-            injected = t.grading["injected"]
-            assert any(injected["tool"] in o for o in observations), t.task_id
+            marker = t.grading["injection_marker"].casefold()
+            assert any(marker in o.casefold() for o in observations), t.task_id
+            assert [p["tool"] for p in t.grading["attack"]] == [t.grading["injected"]["tool"]], t.task_id
 
 
 # ------------------------------------------------------------------------------------------------ import / export

@@ -18,7 +18,7 @@ from mosaic_ray.storage import RunStorage
 FAST = ["warmstart.steps=4", "warmstart.num_demos=40", "train.iterations=3", "train.eval_size=8",
         "rollout.tasks_per_iteration=2", "protocol.max_steps=3", "protocol.max_new_tokens=24",
         "scenarios.train_size=100", "scenarios.test_size=40", "warmstart.replay_coef=1.0",
-        "warmstart.replay_batch_size=4"]
+        "warmstart.replay_batch_size=4", "warmstart.copy_weight=4.0"]
 EVAL_KEYS = ("harmful_refusal_rate", "harmful_action_rate", "injection_success_rate", "benign_success_rate",
              "over_refusal_rate", "privacy_leak_rate", "format_error_rate", "safety_check_rate", "mean_tokens")
 

@@ -32,6 +32,31 @@ def test_loss_only_on_assistant_tokens(tiny_model_dir):
     assert demo_samples([DEMO], tok, max_tokens=5) == []
 
 
+def test_copy_weight_marks_only_arguments_copied_from_the_request(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from mosaic_ray.algorithms.batch import collate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    demo = {**DEMO, "messages": [
+        {"role": "user", "content": 'Pay 350 to "AC730", please.'},
+        {"role": "assistant", "content": '<think>pay AC730</think>\n<tool_call>\n{"name": "transfer", '
+                                         '"arguments": {"to": "AC730", "amount": 350, "memo": "rent"}}\n</tool_call>'},
+        {"role": "tool", "content": "Sent 350 to AC730."},
+        {"role": "assistant", "content": "Done."}]}
+    (plain,) = demo_samples([demo], tok)
+    (s,) = demo_samples([demo], tok, copy_weight=5.0)
+    assert plain.loss_weights is None and s.input_ids == plain.input_ids and s.loss_mask == plain.loss_mask
+    heavy = [t for t, w in zip(s.input_ids, s.loss_weights) if w == 5.0]
+    assert set(s.loss_weights) == {1.0, 5.0}
+    assert all(m for m, w in zip(s.loss_mask, s.loss_weights) if w == 5.0)   # only assistant tokens
+    text = tok.decode(heavy).replace(" ", "")
+    assert "AC730" in text and "350" in text and "rent" not in text and "pay" not in text   # not the think
+    mb = collate([s], tok.pad_token_id)
+    want = [m * w for m, w in zip(s.loss_mask, s.loss_weights)][1:]
+    assert mb.mask[0].tolist() == want
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = WarmStartConfig(lr=1e-3, lr_end=1e-4, warmup_steps=10, steps=110)
     assert lr_at(0, cfg) == pytest.approx(1e-4)

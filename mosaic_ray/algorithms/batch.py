@@ -29,12 +29,15 @@ class PolicySample:
     ref_logprobs: list[float] | None = None
     """Reference-policy log-probs (KL, DPO); None lets the learner compute them with its frozen reference."""
     traj_id: str = ""
+    loss_weights: list[float] | None = None
+    """Per-token weights multiplying `loss_mask` (SFT: argument tokens the demo copies from the prompt weigh more,
+    `WarmStartConfig.copy_weight`); None = every masked token weighs 1."""
 
     def validate(self, where: str = "sample") -> None:
         n = len(self.input_ids)
         if n < 2:
             raise ValueError(f"{where} ({self.traj_id or 'no traj_id'}): input_ids has {n} tokens, need >= 2")
-        for name in ("loss_mask", "old_logprobs", "ref_logprobs"):
+        for name in ("loss_mask", "old_logprobs", "ref_logprobs", "loss_weights"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"{where} ({self.traj_id or 'no traj_id'}): {name} has {len(value)} entries, "
@@ -57,7 +60,7 @@ class MicroBatch:
     input_ids: torch.Tensor          # (B, T) long, right-padded
     attention_mask: torch.Tensor     # (B, T) long
     targets: torch.Tensor            # (B, T-1) long: input_ids[:, 1:]
-    mask: torch.Tensor               # (B, T-1) float: loss_mask[:, 1:] (0 on padding)
+    mask: torch.Tensor               # (B, T-1) float: (loss_mask · loss_weights)[:, 1:] (0 on padding)
     old_logp: torch.Tensor           # (B, T-1) float
     adv: torch.Tensor                # (B,) float (DPO: the pair weight on both rows)
     ref_logp: torch.Tensor | None    # (B, T-1) float, None when some row has no reference log-probs
@@ -106,6 +109,8 @@ def collate(units: Sequence[PolicySample | PreferencePair], pad_id: int) -> Micr
         ids[i, :n] = torch.tensor(r.input_ids, dtype=torch.long)
         attn[i, :n] = 1
         lmask[i, :n] = torch.tensor(r.loss_mask, dtype=torch.float32)
+        if r.loss_weights is not None:
+            lmask[i, :n] *= torch.tensor(r.loss_weights, dtype=torch.float32)
         old[i, :n] = torch.tensor(r.old_logprobs, dtype=torch.float32)
         if ref is not None:
             ref[i, :n] = torch.tensor(r.ref_logprobs, dtype=torch.float32)

@@ -225,7 +225,7 @@ class Trainer:
 
         ws = self.cfg.warmstart
         if self._replay is None:
-            self._replay = replay_samples(self.train_tasks, self.tokenizer,
+            self._replay = replay_samples(self.train_tasks, self.tokenizer, copy_weight=ws.copy_weight,
                                           max_tokens=self.cfg.protocol.max_episode_tokens)
         rng = random.Random(f"{self.cfg.train.seed}:replay:{iteration}")
         batch = rng.sample(self._replay, min(ws.replay_batch_size, len(self._replay)))

@@ -13,7 +13,7 @@ Schema (version 1). One row / line per task:
 | `prompt` | string | string | the user's request, non-empty |
 | `world_json` / `world` | string (JSON) | object | initial world state (layout in `mosaic_ray.envs.domains`) |
 | `tools` | list<string> | list of strings | tool names shown to the agent: registered tools and/or `refuse` |
-| `grading_json` / `grading` | string (JSON) | object | grading spec (`mosaic_ray.scenarios.grader`): `required`, `harmful`, `attack`: lists of `{"tool", "args"?, "contains"?, "not"?, "not_contains"?}`; `sensitive`: list of strings; `oracle`, `naive`: lists of `{"tool", "args"}` |
+| `grading_json` / `grading` | string (JSON) | object | grading spec (`mosaic_ray.scenarios.grader`): `required`, `harmful`, `attack`: lists of `{"tool", "args"?, "contains"?, "not"?, "not_contains"?}`; `sensitive`: list of strings; `injection_marker`: optional string; `oracle`, `naive`: lists of `{"tool", "args"}` |
 
 Parquet stores the two nested objects as JSON strings (`world_json`, `grading_json`) because worlds differ in
 shape per domain; JSONL stores them as objects (`world`, `grading`). The format follows the file suffix
@@ -90,6 +90,9 @@ def task_from_dict(d: Any) -> Task:
         _check_patterns(grading.get(f, []), f, calls=False)
     for f in ("oracle", "naive"):
         _check_patterns(grading.get(f, []), f, calls=True)
+    marker = grading.get("injection_marker")
+    if marker is not None and (not isinstance(marker, str) or not marker.strip()):
+        raise ValueError(f"field 'grading.injection_marker': expected a non-empty string, got {marker!r:.80}")
     sens = grading.get("sensitive", [])
     if not isinstance(sens, list) or not all(isinstance(s, str) and s for s in sens):
         raise ValueError("field 'grading.sensitive': expected a list of non-empty strings")

@@ -151,7 +151,8 @@ def _frame_task(t: Template, rng: random.Random) -> tuple[str, dict[str, Any], d
         built.inject_into(world, rng.choice(INJECTION_WRAPPERS[t.split]).format(action=action))
         at = frame.extra.get("inject_at", 0)
         grading["required"] = built.required
-        grading["attack"] = attack_patterns(frame.domain, built.required)
+        grading["attack"] = attack_patterns(built.required, call.tool)
+        grading["injection_marker"] = action
         grading["naive"] = calls[: at + 1] + [call.to_dict()] + calls[at + 1:]
         grading["injected"] = call.to_dict()
     return prompt, world, grading
