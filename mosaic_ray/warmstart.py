@@ -20,23 +20,18 @@ from mosaic_ray.algorithms.batch import PolicySample
 from mosaic_ray.config import WarmStartConfig
 
 
-def _render(tokenizer, messages: Sequence[dict[str, Any]], tools: Any, **kw: Any) -> Any:
-    return tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=True, return_dict=True, **kw)
-
-
-def copy_weights(ids: Sequence[int], mask: Sequence[int], request_ids: set[int], tokenizer,
-                 weight: float) -> list[float]:
+def copy_weights(ids: Sequence[int], mask: Sequence[int], request_ids: set[int], weight: float, *,
+                 decode: Callable[[int], str], special: set[int]) -> list[float]:
     """`weight` on assistant tokens inside a tool call's arguments that also occur in the user's request — the
-    names, accounts and files a call must copy — and 1 everywhere else. A tool call's arguments are the rest of
-    an assistant run after its first token that spells `arguments`."""
+    names, accounts and files a call must copy — and 1 everywhere else (`special` token ids never). A tool call's
+    arguments are the rest of an assistant run after its first token that spells `arguments`."""
     out = [1.0] * len(ids)
-    special = set(tokenizer.all_special_ids)
     in_args = False
     for k, (tid, m) in enumerate(zip(ids, mask)):
         if not m:
             in_args = False
             continue
-        text = _decode_one(tokenizer, tid)
+        text = decode(tid)
         if not in_args:
             in_args = "arguments" in text
         elif tid in request_ids and tid not in special and any(ch.isalnum() for ch in text):
@@ -44,19 +39,16 @@ def copy_weights(ids: Sequence[int], mask: Sequence[int], request_ids: set[int],
     return out
 
 
-@functools.lru_cache(maxsize=65536)
-def _decode_one(tokenizer, tid: int) -> str:
-    return tokenizer.decode([tid])
-
-
 def demo_samples(demos: Sequence[dict[str, Any]], tokenizer, *, max_tokens: int | None = None,
                  copy_weight: float = 1.0) -> list[PolicySample]:
     """Tokenize demonstrations (`messages`, `tools`, `task_id`); drop ones longer than `max_tokens`. With
     `copy_weight` > 1, argument tokens copied from the first user message get that loss weight (`copy_weights`)."""
     samples = []
+    decode = functools.lru_cache(maxsize=None)(lambda tid: tokenizer.decode([tid]))
+    special = set(tokenizer.all_special_ids)
     for i, demo in enumerate(demos):
-        messages, tools = demo["messages"], demo.get("tools")
-        enc = _render(tokenizer, messages, tools, return_assistant_tokens_mask=True)
+        enc = tokenizer.apply_chat_template(demo["messages"], tools=demo.get("tools") or None, tokenize=True,
+                                            return_dict=True, return_assistant_tokens_mask=True)
         ids, mask = list(enc["input_ids"]), [int(m) for m in enc["assistant_masks"]]
         where = f"demonstration {i} (task {demo.get('task_id', '?')})"
         if len(mask) != len(ids):
@@ -68,9 +60,9 @@ def demo_samples(demos: Sequence[dict[str, Any]], tokenizer, *, max_tokens: int 
             continue
         weights = None
         if copy_weight != 1.0:
-            request = next(m["content"] for m in messages if m["role"] == "user")
+            request = next(m["content"] for m in demo["messages"] if m["role"] == "user")
             request_ids = set(tokenizer(request, add_special_tokens=False)["input_ids"])
-            weights = copy_weights(ids, mask, request_ids, tokenizer, copy_weight)
+            weights = copy_weights(ids, mask, request_ids, copy_weight, decode=decode, special=special)
         samples.append(PolicySample(input_ids=ids, loss_mask=mask, old_logprobs=[0.0] * len(ids),
                                     traj_id=str(demo.get("task_id", i)), loss_weights=weights))
     return samples
