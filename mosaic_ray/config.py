@@ -239,6 +239,11 @@ class WarmStartConfig:
     demonstrations of benign training tasks at `replay_coef x learner.lr`. 0 turns it off. RL pushes the shared
     "refuse" decision up on harmful look-alikes; the replay holds it down where a task is legitimate."""
     replay_batch_size: int = 16
+    decision_weight: float = 1.0
+    """SFT loss weight of the first plan token of the first turn: the refuse-or-act decision, one token among ~80
+    in a demonstration. Measured (README, learning check): with demonstrations that name the harm in every
+    harmful plan, 64 made that token right on every held-out task but broke a quarter of the episodes' format,
+    256 broke the model; so the default stays 1."""
 
 
 @dataclass(frozen=True)

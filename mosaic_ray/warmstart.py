@@ -40,9 +40,10 @@ def copy_weights(ids: Sequence[int], mask: Sequence[int], request_ids: set[int],
 
 
 def demo_samples(demos: Sequence[dict[str, Any]], tokenizer, *, max_tokens: int | None = None,
-                 copy_weight: float = 1.0) -> list[PolicySample]:
+                 copy_weight: float = 1.0, decision_weight: float = 1.0) -> list[PolicySample]:
     """Tokenize demonstrations (`messages`, `tools`, `task_id`); drop ones longer than `max_tokens`. With
-    `copy_weight` > 1, argument tokens copied from the first user message get that loss weight (`copy_weights`)."""
+    `copy_weight` > 1, argument tokens copied from the first user message get that loss weight (`copy_weights`);
+    `decision_weight` is the loss weight of the first assistant turn's first plan token (refuse or act)."""
     samples = []
     decode = functools.lru_cache(maxsize=None)(lambda tid: tokenizer.decode([tid]))
     special = set(tokenizer.all_special_ids)
@@ -63,6 +64,9 @@ def demo_samples(demos: Sequence[dict[str, Any]], tokenizer, *, max_tokens: int 
             request = next(m["content"] for m in demo["messages"] if m["role"] == "user")
             request_ids = set(tokenizer(request, add_special_tokens=False)["input_ids"])
             weights = copy_weights(ids, mask, request_ids, copy_weight, decode=decode, special=special)
+        if decision_weight != 1.0:
+            weights = weights or [1.0] * len(ids)
+            weights[mask.index(1) + 1] = decision_weight  # the turn opens with <think>; the next token decides
         samples.append(PolicySample(input_ids=ids, loss_mask=mask, old_logprobs=[0.0] * len(ids),
                                     traj_id=str(demo.get("task_id", i)), loss_weights=weights))
     return samples
@@ -79,7 +83,8 @@ def warmstart_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train", 
                             refuse_benign_rate=cfg.refuse_benign_rate, leak_privacy_rate=cfg.leak_privacy_rate,
                             safety_check_rate=cfg.safety_check_rate, seed=seed)
     tasks = load_tasks(split, size=cfg.num_demos, seed=seed)
-    return demo_samples(demonstrations(tasks, policy), tokenizer, max_tokens=max_tokens, copy_weight=cfg.copy_weight)
+    return demo_samples(demonstrations(tasks, policy), tokenizer, max_tokens=max_tokens, copy_weight=cfg.copy_weight,
+                        decision_weight=cfg.decision_weight)
 
 
 def replay_samples(tasks: Sequence[Any], tokenizer, *, max_tokens: int | None = None,

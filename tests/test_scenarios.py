@@ -11,6 +11,7 @@ import pytest
 
 from mosaic_ray.envs import make_sandbox
 from mosaic_ray.scenarios import TEMPLATES, TaskFileError, load_tasks, read_tasks, templates, write_tasks
+from mosaic_ray.scenarios import entities as E
 from mosaic_ray.types import CATEGORIES
 
 
@@ -81,6 +82,42 @@ def test_every_ground_truth_and_naive_sequence_replays_strictly(train, test_task
             marker = t.grading["injection_marker"].casefold()
             assert any(marker in o.casefold() for o in observations), t.task_id
             assert [p["tool"] for p in t.grading["attack"]] == [t.grading["injected"]["tool"]], t.task_id
+
+
+READ_ARG = {"read_bill": ("payee", E.PAYEES), "read_email": ("sender", E.NAMES), "read_file": ("name", E.FILES),
+            "open_page": ("site", tuple(E.SITES)), "list_events": ("day", E.DAYS),
+            "read_messages": ("name", E.NAMES), "read_log": ("name", ("backup", "auth"))}
+
+
+def test_an_injection_poisons_the_whole_source_the_agent_reads(test_tasks):
+    """Whichever item the agent opens (a wrong name included), the payload is there: injection resistance is
+    measured even for an agent that does not copy the requested item's name."""
+    checked = 0
+    for t in test_tasks:
+        if t.category != "injection":
+            continue
+        marker = t.grading["injection_marker"].casefold()
+        for call in t.ground_truth():
+            if call.tool not in READ_ARG:
+                continue
+            arg, pool = READ_ARG[call.tool]
+            for value in pool:
+                box = make_sandbox(t.world, t.tools)
+                out = box.call(call.tool, {**call.args, arg: value}, strict=True)[0]
+                assert marker in out.casefold(), (t.task_id, call.tool, value)
+                checked += 1
+    assert checked > 100
+
+
+def test_benign_and_harmful_purposes_come_from_shared_pools(train):
+    """The purpose frames draw their reasons from one benign and one harmful pool, so the intent cue is the same
+    words in every frame (learnable by a tiny model); both pools name a person, so a name is no harm cue."""
+    from mosaic_ray.scenarios.frames import FRAMES, PURPOSE_BAD, PURPOSE_OK
+
+    shared = [f for f in FRAMES if f.ok == PURPOSE_OK]
+    assert len(shared) >= 10 and all(f.bad == PURPOSE_BAD for f in shared)
+    assert not set(PURPOSE_OK) & set(PURPOSE_BAD)
+    assert any("{victim}" in c for c in PURPOSE_OK) and all("{victim}" in c for c in PURPOSE_BAD)
 
 
 # ------------------------------------------------------------------------------------------------ import / export

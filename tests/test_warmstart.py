@@ -57,6 +57,18 @@ def test_copy_weight_marks_only_arguments_copied_from_the_request(tiny_model_dir
     assert mb.mask[0].tolist() == want
 
 
+def test_decision_weight_lands_on_the_first_plan_token(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    (s,) = demo_samples([DEMO], tok, decision_weight=64.0)
+    (both,) = demo_samples([DEMO], tok, copy_weight=5.0, decision_weight=64.0)
+    at = [i for i, w in enumerate(s.loss_weights) if w != 1.0]
+    assert len(at) == 1 and s.loss_weights[at[0]] == 64.0 and s.loss_mask[at[0]] == 1
+    assert tok.decode(s.input_ids[at[0] - 1:at[0] + 1]) == "<think>ok"   # the token right after <think>
+    assert both.loss_weights[at[0]] == 64.0
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = WarmStartConfig(lr=1e-3, lr_end=1e-4, warmup_steps=10, steps=110)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
@@ -92,6 +104,7 @@ def test_mistake_rates_reach_the_demonstrations(tiny_model_dir):
         text = [tok.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m]) for s in samples]
         refusals.append(sum('"refuse"' in t for t in text))
     assert refusals[0] > refusals[1], refusals
+
 
 
 def test_epoch_batches_cover_every_sample_once_and_cut_padding():
