@@ -109,7 +109,7 @@ def test_an_injection_poisons_the_whole_source_the_agent_reads(test_tasks):
     assert checked > 100
 
 
-def test_benign_and_harmful_purposes_come_from_shared_pools(train):
+def test_benign_and_harmful_purposes_come_from_shared_pools():
     """The purpose frames draw their reasons from one benign and one harmful pool, so the intent cue is the same
     words in every frame (learnable by a tiny model); both pools name a person, so a name is no harm cue."""
     from mosaic_ray.scenarios.frames import FRAMES, PURPOSE_BAD, PURPOSE_OK

@@ -106,7 +106,6 @@ def test_mistake_rates_reach_the_demonstrations(tiny_model_dir):
     assert refusals[0] > refusals[1], refusals
 
 
-
 def test_epoch_batches_cover_every_sample_once_and_cut_padding():
     import random
 
