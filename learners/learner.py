@@ -168,8 +168,10 @@ class Learner:
 
     def update(self, units: list[PolicySample] | list[PreferencePair], algorithm: str | None = None,
                lr: float | None = None) -> dict[str, float]:
-        """One optimizer step per epoch over this rank's shard; returns metrics reduced over all ranks."""
+        """One optimizer step per epoch over this rank's shard (`epochs_per_iteration` epochs of RL / DPO; an SFT
+        step is one epoch); returns metrics reduced over all ranks."""
         algorithm = algorithm or self.cfg.algorithm
+        epochs = 1 if algorithm == "sft" else self.cfg.epochs_per_iteration
         loss_fn = get_loss(algorithm)
         validate_units(units, algorithm)
         t0 = time.perf_counter()
@@ -183,7 +185,7 @@ class Learner:
         loss_total, weight_total, grad_norm = 0.0, 0.0, 0.0
         sums: dict[str, float] = {}
         self.module.train()
-        for _ in range(self.cfg.epochs_per_iteration):
+        for _ in range(epochs):
             if lr is not None:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -212,7 +214,6 @@ class Learner:
         keys = sorted(sums)
         tokens = sum(mb.num_tokens for mb in mbs)
         red = self._all_reduce([loss_total, weight_total, float(tokens), float(len(units))] + [sums[k] for k in keys])
-        epochs = self.cfg.epochs_per_iteration
         elapsed = time.perf_counter() - t0
         out = {"learner/loss": red[0] / epochs, "learner/policy_tokens": red[1] / epochs, "learner/tokens": red[2],
                "learner/samples": red[3], "learner/grad_norm": grad_norm, "learner/lr": current_lr,

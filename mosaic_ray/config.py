@@ -244,6 +244,14 @@ class WarmStartConfig:
     in a demonstration. Measured (README, learning check): with demonstrations that name the harm in every
     harmful plan, 64 made that token right on every held-out task but broke a quarter of the episodes' format,
     256 broke the model; so the default stays 1."""
+    first_turn_steps: int = 0
+    """SFT steps on mistake-free *first turns* (plan + first action, no later turns) before the demonstrations: a
+    curriculum that gives the tiny model the concept of a harmful request, as pretraining gives a real model.
+    The demonstrations' deliberate mistakes then decide how often the warm-started policy acts on it."""
+    first_turn_decision_weight: float = 16.0
+    """The decision token's SFT loss weight in the first-turn curriculum. Measured after 100 first-turn steps
+    (held-out, probability of opening the plan with "harmful"): weight 1, 0.30 on harmful and 0.29 on benign
+    requests; 16, 0.80 and 0.18; 64, 0.26 and 0.25."""
 
 
 @dataclass(frozen=True)
@@ -415,6 +423,8 @@ def _validate(obj: Any, prefix: str) -> None:
             need(0 <= getattr(obj, key) <= 1, key, "must be a rate in [0, 1]")
         need(obj.replay_coef >= 0, "replay_coef", "must be >= 0 (0 = no replay)")
         need(obj.copy_weight >= 1, "copy_weight", "must be >= 1 (1 = every token weighs the same)")
+        need(obj.first_turn_steps >= 0, "first_turn_steps", "must be >= 0 (0 = no first-turn curriculum)")
+        need(obj.first_turn_decision_weight >= 1, "first_turn_decision_weight", "must be >= 1")
     if isinstance(obj, LearnerConfig):
         need(obj.num_learners >= 0, "num_learners", "must be >= 0 (0 = in-process)")
         need(obj.clip_eps > 0, "clip_eps", "must be > 0")

@@ -87,6 +87,23 @@ def warmstart_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train", 
                         decision_weight=cfg.decision_weight)
 
 
+def first_turn_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train", seed: int = 0,
+                       max_tokens: int | None = None) -> list[PolicySample]:
+    """`cfg.num_demos` mistake-free demonstrations cut after their first assistant turn, tokenized, with the
+    decision token weighted by `cfg.first_turn_decision_weight`: the first-turn curriculum
+    (`WarmStartConfig.first_turn_steps`)."""
+    from mosaic_ray.policies.scripted import ScriptedPolicy, demonstrations
+    from mosaic_ray.scenarios import load_tasks
+
+    demos = demonstrations(load_tasks(split, size=cfg.num_demos, seed=seed),
+                           ScriptedPolicy(safety_check_rate=cfg.safety_check_rate, seed=seed))
+    for d in demos:
+        first = next(i for i, m in enumerate(d["messages"]) if m["role"] == "assistant")
+        d["messages"] = d["messages"][:first + 1]
+    return demo_samples(demos, tokenizer, max_tokens=max_tokens, copy_weight=cfg.copy_weight,
+                        decision_weight=cfg.first_turn_decision_weight)
+
+
 def replay_samples(tasks: Sequence[Any], tokenizer, *, max_tokens: int | None = None,
                    copy_weight: float = 1.0) -> list[PolicySample]:
     """Mistake-free demonstrations of the benign tasks among `tasks`, tokenized: the helpfulness replay."""

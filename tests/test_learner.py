@@ -60,6 +60,13 @@ def test_micro_batches_give_the_same_update_as_one_batch(tiny_model_dir):
     assert max_diff(one_seq.get_weights(), many_seq.get_weights()) < 1e-6
 
 
+def test_epochs_per_iteration_are_optimizer_steps_of_rl_but_not_of_sft(tiny_model_dir):
+    group = LearnerGroup(tiny_model_dir, LearnerConfig(**{**CFG.__dict__, "epochs_per_iteration": 3}))
+    assert group.update(random_batch(4, seed=3))["learner/step"] == 3.0
+    sft = [PolicySample(s.input_ids, s.loss_mask, s.old_logprobs, traj_id=s.traj_id) for s in random_batch(4, seed=4)]
+    assert group.sft_update(sft, lr=1e-3)["learner/step"] == 4.0
+
+
 def test_cpu_learner_runs_with_the_configured_torch_threads(tiny_model_dir):
     before = torch.get_num_threads()
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mosaic_ray.config import LearnerConfig, WarmStartConfig
-from mosaic_ray.warmstart import demo_samples, lr_at, run_warmstart, warmstart_samples
+from mosaic_ray.warmstart import demo_samples, first_turn_samples, lr_at, run_warmstart, warmstart_samples
 
 DEMO = {"task_id": "t0", "tools": [{"type": "function", "function": {
     "name": "send_email", "description": "Send an email.",
@@ -67,6 +67,28 @@ def test_decision_weight_lands_on_the_first_plan_token(tiny_model_dir):
     assert len(at) == 1 and s.loss_weights[at[0]] == 64.0 and s.loss_mask[at[0]] == 1
     assert tok.decode(s.input_ids[at[0] - 1:at[0] + 1]) == "<think>ok"   # the token right after <think>
     assert both.loss_weights[at[0]] == 64.0
+
+
+def test_first_turn_curriculum_is_one_mistake_free_turn_with_a_weighted_decision(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = WarmStartConfig(num_demos=60, comply_harmful_rate=1.0, refuse_benign_rate=1.0, copy_weight=1.0,
+                          first_turn_decision_weight=16.0)
+    samples = first_turn_samples(cfg, tok)
+    assert len(samples) == 60
+    cats = {"harmful": 0, "other": 0}
+    for s in samples:
+        runs = sum(1 for k, m in enumerate(s.loss_mask) if m and (k == 0 or not s.loss_mask[k - 1]))
+        assert runs == 1   # one assistant turn, nothing after it
+        turn = tok.decode([t for t, m in zip(s.input_ids, s.loss_mask) if m])
+        harmful = s.traj_id.startswith("train:harmful")
+        cats["harmful" if harmful else "other"] += 1
+        assert ('"refuse"' in turn) == harmful, turn   # the mistake rates above never reach the curriculum
+        at = [k for k, w in enumerate(s.loss_weights) if w != 1.0]
+        assert len(at) == 1 and s.loss_weights[at[0]] == 16.0
+        assert tok.decode(s.input_ids[at[0] - 1:at[0]]) == "<think>"
+    assert cats["harmful"] > 0 and cats["other"] > 0
 
 
 def test_lr_schedule_warms_up_then_decays():

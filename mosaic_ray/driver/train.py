@@ -18,7 +18,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from mosaic_ray.config import MosaicConfig, to_yaml
@@ -134,11 +134,16 @@ class Trainer:
 
     def warm_start(self) -> dict[str, float]:
         """SFT on scripted demonstrations with deliberate mistakes, so RL has something real to fix."""
-        from mosaic_ray.warmstart import run_warmstart, warmstart_samples
+        from mosaic_ray.warmstart import first_turn_samples, run_warmstart, warmstart_samples
 
         ws = self.cfg.warmstart
-        samples = warmstart_samples(ws, self.tokenizer, seed=self.cfg.train.seed,
-                                    max_tokens=self.cfg.protocol.max_episode_tokens)
+        seed, max_tokens = self.cfg.train.seed, self.cfg.protocol.max_episode_tokens
+        if ws.first_turn_steps:
+            first = first_turn_samples(ws, self.tokenizer, seed=seed, max_tokens=max_tokens)
+            with self.bar("warm start: first turns (SFT)", ws.first_turn_steps) as advance:
+                run_warmstart(self.learner, first, replace(ws, steps=ws.first_turn_steps), seed=seed,
+                              on_step=lambda step, m: advance(f"loss {m.get('loss', float('nan')):.3f}"))
+        samples = warmstart_samples(ws, self.tokenizer, seed=seed, max_tokens=max_tokens)
         with self.bar("warm start (SFT)", ws.steps) as advance:
             history = run_warmstart(self.learner, samples, ws, seed=self.cfg.train.seed,
                                     on_step=lambda step, m: advance(f"loss {m.get('loss', float('nan')):.3f}"))
@@ -211,8 +216,7 @@ class Trainer:
         m["update/groups_without_signal"] = float(stats.zero_variance_groups)
         with timed(m, "update"):
             if samples:
-                for epoch in range(self.cfg.learner.epochs_per_iteration):
-                    out = self.learner.update(samples, algorithm=self.cfg.learner.algorithm)
+                out = self.learner.update(samples, algorithm=self.cfg.learner.algorithm)
                 m.update({k if "/" in k else f"learner/{k}": float(v) for k, v in out.items()
                           if isinstance(v, (int, float))})
             if self.cfg.warmstart.replay_coef > 0:
