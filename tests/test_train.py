@@ -16,7 +16,7 @@ from mosaic_ray.storage import RunStorage
 
 # Small enough for CI on 2 cores; still every stage: warm start, evaluation, 3 iterations, checkpoints, report.
 FAST = ["warmstart.steps=4", "warmstart.num_demos=40", "train.iterations=3", "train.eval_size=8",
-        "rollout.tasks_per_iteration=2", "protocol.max_steps=3", "protocol.max_new_tokens=24",
+        "rollout.tasks_per_iteration=4", "protocol.max_steps=3", "protocol.max_new_tokens=24",
         "scenarios.train_size=100", "scenarios.test_size=40", "warmstart.replay_coef=1.0",
         "warmstart.replay_batch_size=4", "warmstart.copy_weight=4.0"]
 EVAL_KEYS = ("harmful_refusal_rate", "harmful_action_rate", "injection_success_rate", "benign_success_rate",
