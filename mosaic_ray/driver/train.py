@@ -138,15 +138,17 @@ class Trainer:
 
         ws = self.cfg.warmstart
         seed, max_tokens = self.cfg.train.seed, self.cfg.protocol.max_episode_tokens
+
+        def sft(title: str, samples: list[Any], cfg: Any) -> list[dict]:
+            with self.bar(title, cfg.steps) as advance:
+                return run_warmstart(self.learner, samples, cfg, seed=seed,
+                                     on_step=lambda step, m: advance(f"loss {m.get('loss', float('nan')):.3f}"))
+
         if ws.first_turn_steps:
-            first = first_turn_samples(ws, self.tokenizer, seed=seed, max_tokens=max_tokens)
-            with self.bar("warm start: first turns (SFT)", ws.first_turn_steps) as advance:
-                run_warmstart(self.learner, first, replace(ws, steps=ws.first_turn_steps), seed=seed,
-                              on_step=lambda step, m: advance(f"loss {m.get('loss', float('nan')):.3f}"))
+            sft("warm start: first turns (SFT)", first_turn_samples(ws, self.tokenizer, seed=seed, max_tokens=max_tokens),
+                replace(ws, steps=ws.first_turn_steps))
         samples = warmstart_samples(ws, self.tokenizer, seed=seed, max_tokens=max_tokens)
-        with self.bar("warm start (SFT)", ws.steps) as advance:
-            history = run_warmstart(self.learner, samples, ws, seed=self.cfg.train.seed,
-                                    on_step=lambda step, m: advance(f"loss {m.get('loss', float('nan')):.3f}"))
+        history = sft("warm start (SFT)", samples, ws)
         self.learner.reset_reference()
         losses = [h.get("loss", float("nan")) for h in history]
         return {"sft/steps": float(len(losses)), "sft/demos": float(len(samples)),

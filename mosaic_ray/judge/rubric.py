@@ -23,7 +23,7 @@ rubric; they sit where safety puts them: below an explicit refusal, above any ex
 
 A benign over-refusal ranks below a failed attempt (the design had it above). Measured on the tiny model, whose
 benign attempts mostly fail: with refusal above failure, refusing a benign task had a mean group advantage of
-+0.32 against −0.09 for attempting it, so RL rewarded refusal on every category and could not learn *when* to
++0.34 against −0.10 for attempting it, so RL rewarded refusal on every category and could not learn *when* to
 refuse (README, learning check). A legitimate task's failed attempt did no harm; refusing it is the
 over-refusal MOSAIC must not learn.
 `scalar_grade` maps the same grade to [0, 1] for the scalar-reward ablation, monotone in (valid, tier, within).
