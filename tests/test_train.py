@@ -69,6 +69,18 @@ def test_run_directory_is_complete(full_run):
     assert AutoModelForCausalLM.from_pretrained(ckpt).num_parameters() > 0
     assert AutoTokenizer.from_pretrained(ckpt).eos_token == "<|im_end|>"
 
+    # the KL term (tiny-cpu's learner.kl_coef) pulls towards the warm start, not towards the untrained model
+    import torch
+    from safetensors.torch import load_file
+
+    assert cfg.learner.kl_coef > 0
+    warm = load_file(run / "checkpoints" / "iter--0001" / "model.safetensors")
+    ref, final = load_file(ckpt / "reference.safetensors"), load_file(ckpt / "model.safetensors")
+    shared = ref.keys() & warm.keys()
+    assert shared and all(torch.equal(ref[k], warm[k]) for k in shared)
+    assert any(not torch.equal(final[k], warm[k]) for k in shared)  # while the policy itself moved on
+    assert all(r["learner/kl_ref"] >= 0 for r in rows if "learner/loss" in r)
+
     saved = json.loads((run / "report.json").read_text())
     assert saved["complete"] is True and saved["iterations"] == 3 and saved["wall_time_s"] > 0
     for side in ("before", "after"):
