@@ -272,6 +272,10 @@ def restore_learner(learner, uri: str) -> int:
             learner.reset_reference()
         learner.reference.lm.load_state_dict(reader.tensors("reference.safetensors"), strict=False)
         learner.reference.lm.tie_weights()
+    elif learner.reference is not None:
+        # saved without a KL reference (kl_coef was 0, e.g. a warm start forked into a KL run): anchor to the
+        # restored policy, not to the base model this learner was built from
+        learner.reset_reference()
     state = reader.json("trainer_state.json")
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.step = int(state["step"])

@@ -130,6 +130,24 @@ def test_save_kill_restore_is_bit_identical(tiny_model_dir, ray_session, tmp_pat
     assert all(torch.equal(expected[k], resumed[k]) for k in expected), "resume is not bit-identical"
 
 
+def test_a_checkpoint_without_a_reference_restores_with_the_policy_as_the_kl_anchor(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    plain = LearnerGroup(tiny_model_dir, LearnerConfig(**{**CFG.__dict__, "kl_coef": 0.0}))
+    plain.update(random_batch(4, seed=40))
+    ckpt = plain.save(str(tmp_path / "no_ref"))
+    assert not (tmp_path / "no_ref" / "reference.safetensors").exists()
+
+    kl = LearnerGroup(tiny_model_dir, CFG)             # kl_coef > 0: built with the base model as its reference
+    kl.restore(ckpt)
+    kl.save(str(tmp_path / "with_ref"))
+    ref, policy = (load_file(tmp_path / "with_ref" / name) for name in ("reference.safetensors", "model.safetensors"))
+    base = load_file(f"{tiny_model_dir}/model.safetensors")
+    shared = ref.keys() & policy.keys()
+    assert shared and all(torch.equal(ref[k], policy[k]) for k in shared)
+    assert any(not torch.equal(ref[k], base[k]) for k in shared & base.keys())
+
+
 def test_checkpoint_is_an_hf_model_dir_and_never_needs_pickle(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
