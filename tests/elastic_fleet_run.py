@@ -6,7 +6,7 @@ Starts its own `ray.cluster_utils.Cluster` (private RAY_TMPDIR, explicit head po
 has room for 2 rollout workers, and streams tasks × G scripted episodes through a RolloutFleet (min 1, max 4
 workers, 1 CPU each). Mid-run it adds a 2-CPU node and waits until the fleet has workers there (the consumer
 pauses; the fleet's control thread scales on its own), resumes until a new-node worker has delivered
-episodes, then removes that node while its workers have episodes in flight, and streams to the end.
+episodes and holds episodes in flight, then removes that node, and streams to the end.
 
 Prints one JSON line (last line of stdout) with what the test asserts: counts of trajectory ids, the new
 node id, the worker node ids seen at each phase, and the fleet's counters.
@@ -124,12 +124,15 @@ def main() -> None:
                     "a fleet worker on the new node")
                 phase = "grown"
             if phase == "grown":
-                new_workers = {wid for wid, w in fleet.workers().items() if w["node_id"] == new_node}
-                if any(by_worker[w] for w in new_workers):
+                workers_now = fleet.workers()
+                new_workers |= {wid for wid, w in workers_now.items() if w["node_id"] == new_node}
+                in_flight_there = sum(w["in_flight"] for w in workers_now.values() if w["node_id"] == new_node)
+                # remove the node only once its workers have delivered AND hold episodes right now: a batch can
+                # carry every episode a worker had, leaving it empty until the next dispatch
+                if any(by_worker[w] for w in new_workers) and in_flight_there > 0:
                     nodes_seen["grown"] = sorted(set(fleet.worker_nodes()))
                     result["workers_at_peak"] = fleet.num_workers
-                    result["in_flight_on_new_node_at_removal"] = sum(
-                        w["in_flight"] for w in fleet.workers().values() if w["node_id"] == new_node)
+                    result["in_flight_on_new_node_at_removal"] = in_flight_there
                     t0 = time.time()
                     cluster.remove_node(node)
                     timeline["remove_node_s"] = time.time() - t0
