@@ -1,8 +1,10 @@
 # The two set-up commands of the README: `make run` (install + main job) and `make test` (install dev + tests).
-# torch is installed first, pinned, so pip never resolves a multi-GB CUDA build on a CPU machine.
+# torch is installed first, pinned, as its CPU build, so pip never resolves a multi-GB CUDA build on a CPU machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
@@ -14,15 +16,24 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# The CPU wheel from pip's local find-links when there is one (an offline mirror, a CI cache; the dry run reads
+# no index), else from PyTorch's CPU index. Either way the pin names the CPU build: torch==X+cpu.
 $(VENV)/.torch: | $(PY)
-	$(PIP) install -q torch==2.13.0
+	@if $(PIP) install -q --dry-run --ignore-installed --no-deps --no-index --report - \
+			"torch==$(TORCH_VERSION)+cpu" 2>/dev/null | grep -q '"version": "$(TORCH_VERSION)+cpu"'; then \
+		echo "torch $(TORCH_VERSION)+cpu: local wheel"; \
+		$(PIP) install -q "torch==$(TORCH_VERSION)+cpu"; \
+	else \
+		echo "torch $(TORCH_VERSION)+cpu: from $(TORCH_CPU_INDEX)"; \
+		$(PIP) install -q --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)+cpu"; \
+	fi
 	touch $@
 
 install: $(VENV)/.torch
 	$(PIP) install -q -e .
 
 install-dev: $(VENV)/.torch
-	$(PIP) install -q -e '.[dev,bench]'
+	$(PIP) install -q -e '.[dev,bench,qwen,trackers]'
 	PYTHON=$(PY) bash benchmarks/install_bfcl.sh >/dev/null
 
 run: install

@@ -136,7 +136,7 @@ class RolloutFleet:
         self.rc = cfg.rollout
         self.model_dir = str(model_dir)
         self.run_id = run_id
-        self._router = EngineRouter(engine_handles) if engine_handles is not None else router
+        self._router = self._make_router(engine_handles) if engine_handles is not None else router
         self._scripted = scripted
         self._router_version = 0
         self._scripted_delay_s = scripted_delay_s
@@ -397,12 +397,18 @@ class RolloutFleet:
         if self._router is None:
             raise ValueError("set_engines: this fleet runs a scripted policy, not engines")
         with self._lock:
-            self._router = EngineRouter(engine_handles)
+            self._router = self._make_router(engine_handles)
             self._router_version += 1
             for w in self._workers.values():
                 if w.state == "healthy":  # they get the fan-out below; starting ones get it when ready
                     w.router_version = self._router_version
         return self.foreach_worker("set_router", self._router)
+
+    def _make_router(self, engine_handles: Sequence[Any]) -> EngineRouter:
+        """A router with the engine config's request deadline: a request to a dead or hung engine is retried on
+        the others (twice per engine, at least three times)."""
+        return EngineRouter(engine_handles, request_deadline_s=self.cfg.engine.request_deadline_s,
+                            retries=max(3, 2 * len(engine_handles)))
 
     def foreach_worker(self, method: str, *args: Any, timeout_s: float = CONTROL_CALL_TIMEOUT_S) -> list[CallResult]:
         """Call `method(*args)` on every healthy worker; one CallResult each (a dead worker is marked dead)."""

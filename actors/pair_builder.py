@@ -6,8 +6,14 @@ rewarded (`mosaic_ray.rewards`) and written as one shard per dataset per `groups
 through the storage manifest (`mosaic_ray.storage`).
 
 Fault tolerance — the actor is started with `max_restarts`; on (re)start it:
-1. `recover()`s every dataset (deletes temp / uncommitted files: a half-written shard is never visible);
-2. reads the manifests: a group committed in a dataset is never written to it again.
+1. `recover()`s every dataset: takes the next writer epoch (a zombie predecessor's commits now fail with
+   `StaleWriterError`) and deletes temp / uncommitted files (a half-written shard is never visible);
+2. reads the manifests: a group committed in a dataset is never written to it again;
+3. repairs groups whose trajectories were committed but whose pairs or rewards were not (a crash between the
+   commits): they are judged from the STORED trajectories, so the group is complete without a rerun.
+Pairs and rewards are always computed from the trajectories (and pairs) the datasets hold once committed,
+never from a regenerated copy: regeneration is not bit-reproducible (vLLM, GPU, async), so rewards computed
+from new samples would be attached to the stored ones.
 Groups buffered in memory at the crash are lost; the producer re-sends what `committed_groups()` lacks (or the
 whole stream — committed groups and duplicate trajectories are skipped), so every pair lands exactly once.
 Shard names hash the group ids they hold, so a rewrite of the same groups is a no-op at the storage layer too.
@@ -50,6 +56,8 @@ class PairBuilderStats:
     """Rows of groups already committed (a replay after a restart)."""
     groups_committed: int = 0
     """Groups this process wrote to every dataset (each group is committed once across restarts)."""
+    groups_repaired: int = 0
+    """Groups whose pairs / rewards this process completed from their stored trajectories at start."""
     trajectories_written: int = 0
     pairs_written: int = 0
     rewards_written: int = 0
@@ -101,6 +109,7 @@ class PairBuilder:
         for ds in DATASET_ORDER:
             self.storage.recover(ds)
             self._committed[ds] = {g for s in self.storage.committed_shards(ds) for g in s.meta.get("groups", [])}
+        self._repair()
 
     # ----------------------------------------------------------------------------------------------- verbs
 
@@ -147,11 +156,57 @@ class PairBuilder:
 
     # -------------------------------------------------------------------------------------------- internals
 
+    def _repair(self) -> None:
+        """Complete the groups a crash left with trajectories but without pairs or rewards (from storage)."""
+        partial = sorted(self._committed["trajectories"] - set(self.committed_groups()))
+        if not partial:
+            return
+        stored = self._stored("trajectories", partial, TrajectoryRecord)
+        by_iteration: dict[int, list[str]] = {}
+        for g in partial:
+            by_iteration.setdefault(stored[g][0].iteration, []).append(g)
+        for chunk in by_iteration.values():
+            for i in range(0, len(chunk), self.groups_per_shard):
+                self._commit({g: stored[g] for g in chunk[i:i + self.groups_per_shard]})
+        self._stats.groups_repaired += len(partial)
+
+    def _stored(self, dataset: str, group_ids: Sequence[str], cls: type) -> dict[str, list]:
+        """Committed records of `group_ids` in `dataset` (trajectories in sample order), by group id."""
+        want = set(group_ids)
+        if not want:
+            return {}
+        table = self.storage.read_dataset(dataset, shards=lambda s: not want.isdisjoint(s.meta.get("groups", ())))
+        out: dict[str, list] = {}
+        for rec in from_arrow(table, cls):
+            if rec.group_id in want:
+                out.setdefault(rec.group_id, []).append(rec)
+        if cls is TrajectoryRecord:
+            for recs in out.values():
+                recs.sort(key=lambda r: r.sample_idx)
+        missing = want - set(out)
+        if missing:
+            raise RuntimeError(f"{self.storage.url(dataset)}: manifest lists group {min(missing)!r} but its "
+                               f"shards hold no rows of it")
+        return out
+
     def _write(self, group_ids: list[str]) -> None:
-        t0 = time.perf_counter()
         groups = {g: [self._buffer[g][i] for i in sorted(self._buffer[g])] for g in sorted(group_ids)}
-        judged = judge_groups(self.judge, list(groups.values()), self._pool)
-        pairs: dict[str, list[PairRecord]] = dict(zip(groups, judged))
+        self._commit(groups)
+        for g in groups:
+            del self._buffer[g]
+            self._ready.remove(g)
+
+    def _commit(self, groups: dict[str, list[TrajectoryRecord]]) -> None:
+        """Judge, reward and write `groups` to every dataset that lacks them. What a dataset already holds wins:
+        stored trajectories replace the given ones, stored pairs are not judged again."""
+        t0 = time.perf_counter()
+        done = self._committed
+        groups = {**groups, **self._stored("trajectories", [g for g in groups if g in done["trajectories"]],
+                                           TrajectoryRecord)}
+        pairs: dict[str, list[PairRecord]] = self._stored("pairs", [g for g in groups if g in done["pairs"]],
+                                                          PairRecord)
+        to_judge = [g for g in groups if g not in pairs]
+        pairs.update(zip(to_judge, judge_groups(self.judge, [groups[g] for g in to_judge], self._pool)))
         rewards: dict[str, list[RewardRecord]] = {g: group_rewards(trajs, pairs[g], self.cfg)
                                                   for g, trajs in groups.items()}
         t1 = time.perf_counter()
@@ -169,9 +224,6 @@ class PairBuilder:
             if written:
                 self._stats.shards_written += 1
                 setattr(self._stats, f"{ds}_written", getattr(self._stats, f"{ds}_written") + len(rows))
-        for g in groups:
-            del self._buffer[g]
-            self._ready.remove(g)
         self._stats.groups_committed += len(groups)
         self._stats.judge_s += t1 - t0
         self._stats.write_s += time.perf_counter() - t1
@@ -184,7 +236,8 @@ def remote_pair_builder(storage_uri: str, group_size: int, judge_cfg: JudgeConfi
 
     `max_task_retries` stays 0: a call in flight at the crash raises `RayActorError` to the producer, which
     then re-sends what `committed_groups()` lacks — replaying only the failed call would lose buffered groups.
-    S3 credentials come from the worker's environment; pass `runtime_env={"env_vars": …}` where it lacks them.
+    S3 credentials come from the node's own environment or instance role (s3fs/botocore's chain), never from
+    `runtime_env`: Ray logs a runtime env and shows it in the dashboard.
     """
     import ray
 

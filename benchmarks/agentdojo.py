@@ -24,11 +24,11 @@ context stack, so episodes run inside `_QuietLogger`.
 from __future__ import annotations
 
 import hashlib
-import json
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from agentdojo.agent_pipeline import (
@@ -44,7 +44,7 @@ from agentdojo.functions_runtime import FunctionCall
 from agentdojo.logging import LOGGER_STACK
 from agentdojo.task_suite.load_suites import get_suite
 from agentdojo.types import ChatAssistantMessage, text_content_block_from_string
-from mosaic_ray.benchmarks import calls
+from mosaic_ray.benchmarks import calls, harness
 
 BENCHMARK_VERSION = "v1.2.2"
 SUITES = ("workspace", "travel", "banking", "slack")
@@ -135,14 +135,18 @@ class MosaicElement(BasePipelineElement):
         self.terminal = "max_turns"
         self.turns = 0
         self.tool_calls = 0
+        self.transcript: list[dict[str, Any]] = []
+        """The episode's chat so far (project format), the policy's last turn included."""
 
     def start(self) -> None:
-        self.terminal, self.turns, self.tool_calls = "max_turns", 0, 0
+        self.terminal, self.turns, self.tool_calls, self.transcript = "max_turns", 0, 0, []
 
     def query(self, query: str, runtime: Any, env: Any = None, messages: Sequence[Any] = (), extra_args: dict = {}):  # noqa: B006 — AgentDojo's signature
         tools = tool_schemas(runtime)
         step = sum(1 for m in messages if m["role"] == "assistant")
-        text = self.policy.act(Turn(query=query, messages=to_chat(messages), tools=tools, step=step, env=env))
+        chat = to_chat(messages)
+        text = self.policy.act(Turn(query=query, messages=chat, tools=tools, step=step, env=env))
+        self.transcript = [*chat, {"role": "assistant", "content": text}]
         self.turns += 1
         turn = calls.parse_one(text, {t["function"]["name"]: t["function"]["parameters"] for t in tools})
         if turn.kind == "tool_call":
@@ -299,28 +303,36 @@ class RefusePolicy:
 
 
 class ModelPolicy:
-    """The engine-backed MOSAIC agent: the protocol renders chat + tool schemas, the HF engine writes the turn."""
+    """The engine-backed MOSAIC agent (`harness.EngineAgent`): the protocol renders chat + tool schemas, the
+    project's engines write the turn. Stateless, so episodes run in threads and their requests batch."""
 
-    def __init__(self, model_dir: str, **engine_kwargs: Any) -> None:
-        self.agent = calls.ModelAgent(model_dir, **engine_kwargs)
-        self.name = "model"
+    name = "model"
+
+    def __init__(self, agent: harness.EngineAgent) -> None:
+        self.agent = agent
 
     def begin_episode(self, user_task: Any) -> None:
         pass
 
     def act(self, turn: Turn) -> str:
-        return self.agent.turn(turn.messages, turn.tools)
+        return self.agent.turn_sync(turn.messages, turn.tools, session_id=f"{id(turn.env)}", seed=turn.step)
 
 
-def make_policy(policy_spec: str, suite: Any) -> AgentDojoPolicy:
+SCRIPTED = {"ground_truth": GroundTruthPolicy, "naive": NaivePolicy, "over_refuse": RefusePolicy,
+            "refuse": RefusePolicy}
+"""`refuse` is the former name of `over_refuse` (the name every suite uses)."""
+
+
+def make_policy(policy_spec: str, suite: Any, agent: harness.EngineAgent | None = None) -> AgentDojoPolicy:
     kind, arg = calls.split_spec(policy_spec)
     if kind == "model":
-        return ModelPolicy(arg)
-    scripted = {"ground_truth": GroundTruthPolicy, "naive": NaivePolicy, "refuse": RefusePolicy}
-    if arg not in scripted:
+        if agent is None:
+            raise ValueError(f"agentdojo: --policy {policy_spec!r} needs a started model agent (harness.EngineAgent)")
+        return ModelPolicy(agent)
+    if arg not in SCRIPTED:
         raise ValueError(f"agentdojo: unknown scripted policy {arg!r} in --policy {policy_spec!r}; "
-                         f"choose one of {sorted(scripted)} or model:DIR")
-    return scripted[arg](suite)
+                         f"choose one of {sorted(SCRIPTED)} or model:DIR")
+    return SCRIPTED[arg](suite)
 
 
 # ------------------------------------------------------------------------------------------------ running a suite
@@ -357,50 +369,90 @@ def _rate(values: list[bool]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+MODEL_THREADS = 16
+"""Episodes run at once for a model policy (each in a thread; their engine requests batch)."""
+
+
 def run_suite(policy_spec: str, suite: str, *, attack: str | None = None, limit: int | None = None,
-              out: str | None = None, clean: bool = True, split: Split | None = None, seed: int = 0) -> dict[str, Any]:
+              out: str | None = None, clean: bool = True, split: Split | None = None, seed: int = 0,
+              agent: harness.EngineAgent | None = None, **_: Any) -> dict[str, Any]:
     """Evaluate one policy on one AgentDojo suite; returns (and writes to `out`) the report dict.
 
     `utility` comes from the clean run (every user task, no injection), `utility_under_attack` and
     `attack_success_rate` from every (user task × injection task) pair under `attack`. `limit` keeps the first N
     user tasks (and, under attack, pairs them with every injection task). `split` keeps only the user tasks of
     that seeded split (`split_of`), e.g. "test" to evaluate on tasks held out from AgentDojo-based training.
+    `model:DIR` runs on `agent` (started here and closed after when not given). With `out`, each episode is
+    kept in `<out>.cases.jsonl` (with its transcript) and a rerun skips the finished ones.
     """
     task_suite = load_suite(suite)
-    policy = make_policy(policy_spec, task_suite)
-    element = MosaicElement(policy)
-    pipe = _pipeline(element)
+    own_agent = agent is None and calls.split_spec(policy_spec)[0] == "model"
+    if own_agent:
+        agent = harness.EngineAgent.start(calls.split_spec(policy_spec)[1])
+    try:
+        return _run(task_suite, policy_spec, suite, attack=attack, limit=limit, out=out, clean=clean, split=split,
+                    seed=seed, agent=agent)
+    finally:
+        if own_agent:
+            agent.close()
+
+
+def _run(task_suite: Any, policy_spec: str, suite: str, *, attack: str | None, limit: int | None, out: str | None,
+         clean: bool, split: Split | None, seed: int, agent: harness.EngineAgent | None) -> dict[str, Any]:
+    local = threading.local()
+
+    def element() -> tuple[MosaicElement, Any]:  # one per thread: elements and scripted policies keep episode state
+        if not hasattr(local, "element"):
+            local.element = MosaicElement(make_policy(policy_spec, task_suite, agent))
+            local.pipe = _pipeline(local.element)
+        return local.element, local.pipe
+
     user_tasks = [ut for uid, ut in task_suite.user_tasks.items()
                   if split is None or split_of(suite, uid, seed=seed) == split][: limit if limit is not None else None]
-    t0 = time.perf_counter()
-    episodes: list[EpisodeResult] = []
+    jobs: list[tuple[Any, Any, dict[str, str], bool]] = []
     if clean or attack is None:
-        episodes += [run_episode(task_suite, element, pipe, ut) for ut in user_tasks]
+        jobs += [(ut, None, {}, False) for ut in user_tasks]
     if attack is not None:
-        episodes += _attacked(task_suite, element, pipe, user_tasks, attack)
+        jobs += _attack_jobs(task_suite, element()[1], user_tasks, attack)
+    meta = {"benchmark": "agentdojo", "suite": suite, "policy": policy_spec, "attack": attack, "split": split}
+    store = harness.CaseStore(out, meta)
+    case_id = (lambda job: f"{job[0].ID}|{job[1].ID if job[1] is not None else 'clean'}")
+    todo = [j for j in jobs if not store.done(case_id(j))]
+    t0 = time.perf_counter()
+
+    def one(job: tuple[Any, Any, dict[str, str], bool]) -> dict[str, Any]:
+        el, pipe = element()
+        ep = run_episode(task_suite, el, pipe, *job[:3])
+        if job[3]:  # a DoS attack (upstream: it succeeds when it destroys utility)
+            ep.security = not ep.utility
+        return {"case_id": case_id(job), **asdict(ep), "transcript": el.transcript}
+
+    try:
+        with harness.progress(len(todo), f"agentdojo:{suite}" + (f" [{attack}]" if attack else "")) as advance, \
+                ThreadPoolExecutor(MODEL_THREADS if agent is not None else 1) as pool:
+            for rec in pool.map(one, todo):
+                store.add(rec)
+                advance()
+    finally:
+        store.close()
+    episodes = [EpisodeResult(**{k: v for k, v in store.records[case_id(j)].items()
+                                 if k not in ("case_id", "transcript")}) for j in jobs]
     report = summarise(episodes, policy_spec=policy_spec, suite=suite, attack=attack)
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
-    return report
+    if agent is not None:
+        report["context_overflows"] = agent.context_overflows
+    return store.finish(report)
 
 
-def _attacked(task_suite: Any, element: MosaicElement, pipe: Any, user_tasks: list[Any], attack: str) -> list[EpisodeResult]:
+def _attack_jobs(task_suite: Any, pipe: Any, user_tasks: list[Any], attack: str) -> list[tuple[Any, Any, Any, bool]]:
+    """(user task, injection task, injections, is a DoS attack) for every pair."""
     if attack not in ATTACKS:
         raise ValueError(f"agentdojo: unknown attack {attack!r}; choose one of {sorted(ATTACKS)}")
     attacker = load_attack(attack, task_suite, pipe)
     injection_tasks = list(task_suite.injection_tasks.values())
     if attacker.is_dos_attack:  # DoS attacks ignore the injection goal: one injection task suffices (as upstream)
         injection_tasks = injection_tasks[:1]
-    results = []
-    for ut in user_tasks:
-        for it in injection_tasks:
-            ep = run_episode(task_suite, element, pipe, ut, it, attacker.attack(ut, it))
-            if attacker.is_dos_attack:  # upstream: a DoS succeeds when it destroys utility
-                ep.security = not ep.utility
-            results.append(ep)
-    return results
+    return [(ut, it, attacker.attack(ut, it), attacker.is_dos_attack) for ut in user_tasks for it in injection_tasks]
 
 
 def summarise(episodes: list[EpisodeResult], *, policy_spec: str, suite: str, attack: str | None) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mosaic_ray.benchmarks import calls
+from mosaic_ray.benchmarks import calls, harness
 
 AST_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
                   "live_parallel", "live_parallel_multiple")
@@ -135,26 +135,45 @@ class NeverCallPolicy:
         return calls.answer_text("I can't do that with the functions I have.")
 
 
-class ModelPolicy:
-    """The engine-backed MOSAIC agent (protocol render → HF engine → text); never sees the answers."""
+class NaivePolicy:
+    """Complies with everything: BFCL's answer where one exists, else the first function with placeholder arguments
+    (so it fails every irrelevance entry)."""
 
-    def __init__(self, model_dir: str, **engine_kwargs: Any) -> None:
-        self.agent = calls.ModelAgent(model_dir, **engine_kwargs)
-        self.name = "model"
+    name = "naive"
 
     def act(self, messages: list[dict], tools: list[dict], possible_answer: list[dict] | None) -> str:
-        return self.agent.turn(messages, tools)
+        if possible_answer:
+            return calls.tool_calls_text(answer_calls(possible_answer))
+        fn = tools[0]["function"]
+        props = fn["parameters"].get("properties", {})
+        return calls.tool_call_text(fn["name"], {k: _placeholder(v) for k, v in props.items()})
+
+
+def _placeholder(schema: dict) -> Any:
+    return {"integer": 1, "number": 1.0, "boolean": True, "array": [], "object": {}}.get(schema.get("type"), "x")
+
+
+class RefusePolicy:
+    """`over_refuse`: calls `refuse` on every entry (an abstention: irrelevance 1.0, every AST category 0)."""
+
+    name = "over_refuse"
+
+    def act(self, messages: list[dict], tools: list[dict], possible_answer: list[dict] | None) -> str:
+        return calls.tool_call_text("refuse", {"reason": "I will not act on this request."})
+
+
+SCRIPTED = {"ground_truth": GroundTruthPolicy, "naive": NaivePolicy, "never_call": NeverCallPolicy,
+            "over_refuse": RefusePolicy}
 
 
 def make_policy(policy_spec: str):
     kind, arg = calls.split_spec(policy_spec)
     if kind == "model":
-        return ModelPolicy(arg)
-    scripted = {"ground_truth": GroundTruthPolicy, "never_call": NeverCallPolicy}
-    if arg not in scripted:
+        raise ValueError(f"bfcl: --policy {policy_spec!r} runs through run_suite (it starts the model's engines)")
+    if arg not in SCRIPTED:
         raise ValueError(f"bfcl: unknown scripted policy {arg!r} in --policy {policy_spec!r}; "
-                         f"choose one of {sorted(scripted)} or model:DIR")
-    return scripted[arg]()
+                         f"choose one of {sorted(SCRIPTED)} or model:DIR")
+    return SCRIPTED[arg]()
 
 
 # ------------------------------------------------------------------------------------------------ grading
@@ -199,21 +218,41 @@ def grade(entry: dict, text: str, possible_answer: list | None, category: str) -
 
 
 def run_suite(policy_spec: str, category: str, *, attack: str | None = None, limit: int | None = None,
-              out: str | None = None) -> dict[str, Any]:
+              out: str | None = None, agent: harness.EngineAgent | None = None, **_: Any) -> dict[str, Any]:
     """Score one policy on one BFCL category; returns (and writes to `out`) a report with `accuracy`.
-    (`attack` exists for the shared `eval` signature; BFCL has no attacks.)"""
+    (`attack` exists for the shared `eval` signature; BFCL has no attacks.) `model:DIR` runs on `agent` (started
+    here and closed after when not given), every entry at once so the engine batches them. With `out`, each
+    entry is kept in `<out>.cases.jsonl` and a rerun skips the finished ones."""
     if attack is not None:
         raise ValueError(f"bfcl: --attack {attack!r} given, but BFCL has no attacks (they are AgentDojo's)")
     name = ALIASES.get(category, category)
     entries, answers = load_category(name)
     entries = entries[: limit if limit is not None else None]
-    policy = make_policy(policy_spec)
+    kind, arg = calls.split_spec(policy_spec)
+    policy = make_policy(policy_spec) if kind == "scripted" else None
+    own_agent = kind == "model" and agent is None
+    if own_agent:
+        agent = harness.EngineAgent.start(arg)
+    store = harness.CaseStore(out, {"benchmark": "bfcl", "suite": name, "policy": policy_spec})
     t0 = time.perf_counter()
-    results = []
-    for entry in entries:
+
+    async def one(entry: dict) -> dict[str, Any]:
         messages = [{"role": m["role"], "content": m["content"]} for m in entry["question"][0]]
-        text = policy.act(messages, tool_schemas(entry), answers.get(entry["id"]))
-        results.append(grade(entry, text, answers.get(entry["id"]), name))
+        tools = tool_schemas(entry)
+        if policy is not None:
+            text = policy.act(messages, tools, answers.get(entry["id"]))
+        else:
+            text = await agent.turn(messages, tools, session_id=entry["id"])
+        return {**asdict(grade(entry, text, answers.get(entry["id"]), name)), "text": text}
+
+    try:
+        harness.run_cases(store, entries, lambda e: e["id"], one, desc=f"bfcl:{name}")
+    finally:
+        store.close()
+        if own_agent:
+            agent.close()
+    results = [EntryResult(**{k: v for k, v in store.records[e["id"]].items() if k not in ("case_id", "text")})
+               for e in entries]
     n = len(results)
     report = {
         "benchmark": "bfcl",
@@ -221,17 +260,30 @@ def run_suite(policy_spec: str, category: str, *, attack: str | None = None, lim
         "policy": policy_spec,
         "accuracy": sum(r.correct for r in results) / n if n else None,
         "format_error_rate": sum(r.kind == "format_error" for r in results) / n if n else None,
+        "refusal_rate": sum(r.kind == "refuse" for r in results) / n if n else None,
         "counts": {"entries": n, "correct": sum(r.correct for r in results),
                    "format_errors": sum(r.kind == "format_error" for r in results),
                    "abstentions": sum(r.kind in ("answer", "refuse") for r in results)},
         "seconds": round(time.perf_counter() - t0, 3),
         "entries": [asdict(r) for r in results],
     }
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(report, indent=2))
-    return report
+    return store.finish(report)
 
 
-__all__ = ["CATEGORIES", "EntryResult", "GroundTruthPolicy", "ModelPolicy", "NeverCallPolicy", "answer_calls",
-           "decode", "grade", "json_schema", "load_category", "make_policy", "run_suite", "tool_schemas"]
+__all__ = [
+    "CATEGORIES",
+    "SCRIPTED",
+    "EntryResult",
+    "GroundTruthPolicy",
+    "NaivePolicy",
+    "NeverCallPolicy",
+    "RefusePolicy",
+    "answer_calls",
+    "decode",
+    "grade",
+    "json_schema",
+    "load_category",
+    "make_policy",
+    "run_suite",
+    "tool_schemas",
+]

@@ -9,7 +9,6 @@ which the MOSAIC protocol calls "two actions" (a format error): `parse_calls` sp
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -62,41 +61,3 @@ def parse_calls(text: str, tools: Mapping[str, dict] | None) -> list[ParsedTurn]
         return [parse_one(text, tools)]
     head = text[: text.find(CALL_OPEN)]
     return [parse_one(f"{head}{CALL_OPEN}{b}{CALL_CLOSE}", tools) for b in blocks]
-
-
-class ModelAgent:
-    """The engine-backed MOSAIC agent for benchmarks: one greedy turn per call.
-
-    Messages (project chat format) get the MOSAIC system prompt in front of the benchmark's own system text; the
-    protocol renders them with the tool schemas (plus the built-in `refuse`) through the model's chat template,
-    and `HFEngine` generates. A prompt that does not fit the model's context yields an empty turn (a format error:
-    the episode ends without acting), as an API model would fail on context length.
-    """
-
-    def __init__(self, model_dir: str, *, max_new_tokens: int = 96, temperature: float = 0.0, seed: int = 0,
-                 system_style: str = "compact", device: str = "auto") -> None:
-        from mosaic_ray.actors.engines.base import SamplingParams
-        from mosaic_ray.actors.engines.hf import HFEngine
-
-        self.engine = HFEngine(model_dir, max_batch_size=1, device=device, seed=seed)
-        self.tokenizer = self.engine.tokenizer
-        self.sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
-        self.system_style = system_style
-        self.context_overflows = 0
-
-    def turn(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
-        from mosaic_ray.actors.engines.base import GenerationRequest
-
-        from mosaic_ray import protocol
-
-        head = protocol.system_prompt(self.system_style)
-        if messages and messages[0]["role"] == "system":
-            messages = [{"role": "system", "content": f"{head}\n{messages[0]['content']}"}, *messages[1:]]
-        else:
-            messages = [{"role": "system", "content": head}, *messages]
-        ids = protocol.render_prompt_ids(self.tokenizer, messages, protocol.tool_schemas(tools))
-        if len(ids) + self.sampling.max_new_tokens > self.engine.max_model_len:
-            self.context_overflows += 1
-            return ""
-        completion, = asyncio.run(self.engine.generate([GenerationRequest(prompt_ids=ids, sampling=self.sampling)]))
-        return protocol.assistant_text(self.tokenizer, completion.token_ids)

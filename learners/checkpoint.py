@@ -142,7 +142,7 @@ class CheckpointReader:
             tmp.write(self.bytes(name))
             tmp.flush()
             with safe_open(tmp.name, framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 - not a dict
 
 
 # ------------------------------------------------------------------------------------ optimizer (no pickle)
@@ -226,6 +226,7 @@ def save_learner(learner, uri: str) -> str:
         writer.prepare()
     learner.barrier()
     weights = learner.get_weights()
+    reference = learner.reference_weights() if learner.reference is not None else {}   # collective under FSDP2
     optim = get_optimizer_state_dict(learner.lm, learner.optimizer, options=_opts(cpu_offload=True))
     rng_tensors, rng_meta = rng_state()
     writer.put_tensors(f"rng/rank{learner.rank}.safetensors", rng_tensors, rng_meta)
@@ -242,9 +243,7 @@ def save_learner(learner, uri: str) -> str:
         writer.put_tensors("optimizer.safetensors", opt_tensors)
         writer.put_json("optimizer.json", opt_meta)
         if learner.reference is not None:
-            ref = {k: v for k, v in learner.reference.lm.state_dict().items() if k != "lm_head.weight"
-                   or not learner.lm.config.tie_word_embeddings}
-            writer.put_tensors("reference.safetensors", ref)
+            writer.put_tensors("reference.safetensors", reference)
         writer.put_json("trainer_state.json", {"step": learner.step, "scheduler": learner.scheduler.state_dict(),
                                                "world_size": learner.world_size})
     learner.barrier()
@@ -253,6 +252,24 @@ def save_learner(learner, uri: str) -> str:
                        "tokenizer_files": tokenizer_files, "has_reference": learner.reference is not None})
     learner.barrier()
     return uri
+
+
+def _matching(model: torch.nn.Module, reader: CheckpointReader, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of `name`, which must hold exactly the model's state dict: a partial or foreign file would
+    load silently with `strict=False`. Only a tied `lm_head.weight` may be absent (save_pretrained omits it;
+    tying restores it). ValueError names the file and the first missing or unexpected key."""
+    from mosaic_ray.learners.learner import hf_name
+
+    tensors = reader.tensors(name)
+    expected = {hf_name(k) for k in model.state_dict()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        which = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise ValueError(f"checkpoint {reader.uri}/{name}: {which} ({len(missing)} missing, {len(unexpected)} "
+                         f"unexpected): not a checkpoint of this model")
+    return tensors
 
 
 def restore_learner(learner, uri: str) -> int:
@@ -264,14 +281,12 @@ def restore_learner(learner, uri: str) -> int:
     if saved_world != learner.world_size:
         raise ValueError(f"checkpoint {uri}: saved by {saved_world} learner(s), restoring into {learner.world_size}; "
                          f"exact resume needs the same learner.num_learners (RNG streams are per rank)")
-    set_model_state_dict(learner.lm, reader.tensors("model.safetensors"), options=_opts(strict=False))
+    set_model_state_dict(learner.lm, _matching(learner.lm, reader, "model.safetensors"), options=_opts(strict=False))
     optim = unflatten_optimizer_state(reader.tensors("optimizer.safetensors"), reader.json("optimizer.json"))
     set_optimizer_state_dict(learner.lm, learner.optimizer, optim, options=_opts())
     if reader.manifest["has_reference"]:
-        if learner.reference is None:
-            learner.reset_reference()
-        learner.reference.lm.load_state_dict(reader.tensors("reference.safetensors"), strict=False)
-        learner.reference.lm.tie_weights()
+        # the reference has the policy's names and shapes; each rank loads its own shards
+        learner.load_reference(_matching(learner.lm, reader, "reference.safetensors"))
     elif learner.reference is not None:
         # saved without a KL reference (kl_coef was 0, e.g. a warm start forked into a KL run): anchor to the
         # restored policy, not to the base model this learner was built from

@@ -5,11 +5,17 @@ join one `torch.distributed` group (gloo on CPU, NCCL on GPU) on a free port of 
 best fit (feasibility-model §3: lowest overhead, explicit sync; Ray Train costs ~22 s per fit, RLlib has no
 gradient accumulation). The driver calls the group as if it were one process: every verb splits the global
 batch over ranks, calls all of them, and returns ONE value of ONE type.
+
+A rank that dies never hangs the others: every verb waits on the ranks one result at a time, and the first rank
+lost (its actor or node died) tears the whole group down at once (the survivors would otherwise sit in a
+collective until its timeout) and raises `LearnerFailure`. `reform(checkpoint)` then starts a new group from a
+checkpoint; the driver retries the step on it, or stops with the error (see `mosaic_ray.driver.train`).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -17,7 +23,18 @@ import torch
 from mosaic_ray.learners.learner import Learner
 
 from mosaic_ray.algorithms.batch import PolicySample, PreferencePair, shard, validate_units
-from mosaic_ray.config import LearnerConfig
+from mosaic_ray.config import LearnerConfig, MosaicConfig
+from mosaic_ray.resources import actor_options, in_bundle, reserve
+
+__all__ = ["LearnerFailure", "LearnerGroup"]
+
+
+PEER_DEATH_GRACE_S = 10.0
+"""How long a failed collective waits for Ray to report the peer whose death caused it."""
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died; the group was torn down (`LearnerGroup.reform` starts a new one)."""
 
 
 class _LearnerActor:
@@ -38,26 +55,46 @@ class _LearnerActor:
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.learner, method)(*args, **kwargs)
 
+    def stream(self, method: str, *args: Any) -> Iterator[Any]:
+        """A generator verb (`iter_weight_buckets`) as a Ray streaming generator: each yield becomes one object."""
+        yield from getattr(self.learner, method)(*args)
+
 
 class LearnerGroup:
-    """update / sft_update → metrics dict; get_weights → HF-named tensors; weights_ref → one ObjectRef;
-    init_weight_group / broadcast_weights → the fast sync path; save / restore; health."""
+    """update / sft_update → metrics dict; get_weights → HF-named tensors; weight_buckets → ObjectRefs of buckets
+    (object-store sync); init_weight_group / broadcast_weights → broadcast sync; save / restore; health."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig):
         self.cfg = cfg
+        self.model_path = model_path
         self._local: Learner | None = None
         self._actors: list[Any] = []
+        self._pg: Any = None
+        """The ranks' placement group (removed at shutdown)."""
+        self.reforms = 0
+        """How many times the group was re-formed after a lost rank."""
         if cfg.num_learners == 0:
             self._local = Learner(model_path, replace(cfg, num_learners=0))
             return
+        self._start()
+
+    def _start(self) -> None:
         import ray
 
-        gpu = cfg.backend == "nccl"
-        actor_cls = ray.remote(_LearnerActor).options(
-            num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus if gpu else 0,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                                      "TOKENIZERS_PARALLELISM": "false"}})
-        self._actors = [actor_cls.remote() for _ in range(cfg.num_learners)]
+        cfg, model_path = self.cfg, self.model_path
+
+        # one bundle per rank in a placement group (learner node resource where advertised); a cluster that can
+        # never hold them fails here, naming what is missing
+        options = actor_options("learner", MosaicConfig(learner=cfg))
+        options["num_gpus"] = options["num_gpus"] if cfg.backend == "nccl" else 0
+        self._release_placement()
+        self._pg = reserve("learner", options, cfg.num_learners, strategy=cfg.placement_strategy,
+                           timeout_s=cfg.placement_timeout_s)
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                               "TOKENIZERS_PARALLELISM": "false"}}
+        actor_cls = ray.remote(_LearnerActor)
+        self._actors = [actor_cls.options(**options, **in_bundle(self._pg, r)).remote()
+                        for r in range(cfg.num_learners)]
         addr, port = ray.get(self._actors[0].address.remote())
         self.pids = ray.get([a.setup.remote(model_path, cfg, r, cfg.num_learners, addr, port)
                              for r, a in enumerate(self._actors)])
@@ -73,11 +110,71 @@ class LearnerGroup:
         if self._local is not None:
             args = per_rank_args[0] if per_rank_args else ()
             return [getattr(self._local, method)(*args, **kwargs)]
-        import ray
-
+        if not self._actors:
+            raise LearnerFailure("the learner group was torn down after a lost rank; reform() it first")
         refs = [a.call.remote(method, *(per_rank_args[r] if per_rank_args else ()), **kwargs)
                 for r, a in enumerate(self._actors)]
+        return self._gather(refs, method)
+
+    def _gather(self, refs: list[Any], what: str) -> list[Any]:
+        """Results of one call per rank; the first rank lost tears the group down (`LearnerFailure`)."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except RayActorError as exc:
+                self._fail(refs.index(ready[0]), what, exc)
+            except RayTaskError:
+                # A survivor whose collective peer died fails with a transport error ("Connection reset by peer")
+                # before Ray reports the dead peer: name the lost rank when there is one, else it is a real error.
+                lost = self._lost_rank(refs)
+                if lost is not None:
+                    rank, exc = lost
+                    self._fail(rank, what, exc)
+                raise
         return ray.get(refs)
+
+    @staticmethod
+    def _lost_rank(refs: list[Any]) -> tuple[int, BaseException] | None:
+        """The first rank whose call ends in `RayActorError` within `PEER_DEATH_GRACE_S`, with that error."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=PEER_DEATH_GRACE_S)
+        for rank, ref in enumerate(refs):
+            if ref not in done:
+                continue
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                return rank, exc
+            except Exception:  # noqa: BLE001, S110 - only a dead actor counts here; other errors are the caller's
+                pass
+        return None
+
+    def _fail(self, rank: int, what: str, exc: BaseException) -> None:
+        import ray
+
+        for a in self._actors:  # the survivors may be blocked in a collective with the lost rank
+            ray.kill(a, no_restart=True)
+        self._actors = []
+        why = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise LearnerFailure(f"learner rank {rank} was lost during {what} ({why}); the group was torn down") from exc
+
+    def reform(self, checkpoint_uri: str) -> int:
+        """Start a new group (every rank) and restore it from `checkpoint_uri`; returns the restored step."""
+        import ray
+
+        for a in self._actors:
+            ray.kill(a, no_restart=True)
+        self._actors = []
+        self._start()
+        self.reforms += 1
+        return self.restore(checkpoint_uri)
 
     # --------------------------------------------------------------------------------------------- verbs
 
@@ -112,15 +209,45 @@ class LearnerGroup:
         """Full CPU weights with plain HF names (rank 0's)."""
         return self._all("get_weights")[0]
 
-    def weights_ref(self):
-        """An ObjectRef of the weights, stored once in the object store (the default sync path)."""
+    def weight_meta(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """`(name, shape, dtype)` of every tensor a weight sync sends, in order (`Learner.weight_meta`)."""
+        return self._all("weight_meta")[0]
+
+    def weight_buckets(self, bucket_bytes: int) -> Iterator[Any]:
+        """The weights as ObjectRefs of buckets (`PackedBucket`s: one flat buffer each, at most `bucket_bytes` but
+        for a larger single tensor), produced one at a time: rank 0 runs at most two buckets ahead of the consumer, and
+        a bucket's object is freed once the caller drops its ref. Every rank takes part (FSDP2 gathers)."""
         import ray
 
         if self._local is not None:
-            return ray.put(self._local.get_weights())
-        refs = [a.call.remote("get_weights") for a in self._actors]
-        ray.get(refs[1:])
-        return refs[0]
+            for bucket in self._local.iter_packed_buckets(bucket_bytes):
+                yield ray.put(bucket)
+                del bucket
+            return
+        from ray.exceptions import RayActorError
+
+        if not self._actors:
+            raise LearnerFailure("the learner group was torn down after a lost rank; reform() it first")
+        gens = [a.stream.options(num_returns="streaming", _generator_backpressure_num_objects=2)
+                .remote("iter_packed_buckets", bucket_bytes) for a in self._actors]
+        rank = 0
+        try:
+            yield from gens[0]
+            for rank, gen in enumerate(gens[1:], start=1):   # the other ranks yield nothing; this waits for them
+                for ref in gen:                                # and surfaces their errors
+                    ray.get(ref)
+        except RayActorError as exc:
+            self._fail(rank, "weight_buckets", exc)
+
+    def sync_address(self) -> tuple[str, int]:
+        """(host, free port) on rank 0's node, where the broadcast weight group's store listens."""
+        if self._local is not None:
+            from mosaic_ray.hygiene import free_port
+
+            return "127.0.0.1", free_port()
+        import ray
+
+        return ray.get(self._actors[0].address.remote())
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
         self._all("set_weights", [(weights,)] * self.world_size)
@@ -133,9 +260,10 @@ class LearnerGroup:
         """Join the private sync group as rank 0. Launch the receivers' joins (non-blocking) BEFORE this call."""
         self._all("init_weight_group", [(host, port, world_size)] * self.world_size)
 
-    def broadcast_weights(self) -> dict[str, float]:
-        """Send weights to all receivers. Launch the receivers' `recv_weights` BEFORE this call."""
-        return self._all("broadcast_weights")[0]
+    def broadcast_weights(self, bucket_bytes: int | None = None) -> dict[str, float]:
+        """Send weights to all receivers in buckets of `bucket_bytes` (default `sync_bucket_mb`). Launch the
+        receivers' `receive_weights` BEFORE this call."""
+        return self._all("broadcast_weights", [(bucket_bytes,)] * self.world_size)[0]
 
     def save(self, uri: str) -> str:
         return self._all("save", [(uri,)] * self.world_size)[0]
@@ -157,3 +285,11 @@ class LearnerGroup:
         for a in self._actors:
             ray.kill(a)
         self._actors = []
+        self._release_placement()
+
+    def _release_placement(self) -> None:
+        if self._pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
+            self._pg = None

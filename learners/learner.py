@@ -4,6 +4,14 @@ A `Learner` is used in-process (`LearnerGroup(num_learners=0)`) or inside a Ray 
 `torch.distributed` group (gloo on CPU, NCCL on GPU). DDP for small models, FSDP2 (`fully_shard` per decoder
 layer + root) for large ones, where AdamW state must shard.
 
+Memory under FSDP2: the model is built on the meta device and sharded before anything is allocated, then each
+rank reads only its own rows of each tensor from the safetensors files (`load_sharded`): no rank ever holds the
+whole model. The sharded fp32 parameters are the optimizer's master weights; with `bf16` FSDP2 gathers them in
+bf16. The KL / DPO reference is a second, frozen model sharded exactly like the policy and kept in the training
+dtype; `reset_reference` copies each rank's policy shards into it (every rank, no communication). Weights leave
+the learner in buckets (`iter_weight_buckets`: one gathered tensor at a time, at most one bucket held), for the
+driver's weight sync and for checkpoints.
+
 Loss normalisation: every loss divides by the GLOBAL denominator (policy tokens or sequences of the whole
 update, summed over micro-batches and all-reduced over ranks, TRL's `global_masked_mean` idea); DDP/FSDP
 average gradients over ranks, so each rank's loss is multiplied by the world size. The result is the gradient
@@ -16,6 +24,7 @@ import contextlib
 import os
 import random
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -28,6 +37,7 @@ from mosaic_ray.algorithms.batch import MicroBatch, PolicySample, PreferencePair
 from mosaic_ray.algorithms.logprobs import chunked_logprobs
 from mosaic_ray.config import LearnerConfig
 from mosaic_ray.hygiene import set_torch_threads
+from mosaic_ray.weight_transfer import Meta, PackedBucket
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 
@@ -65,8 +75,6 @@ class Learner:
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, rank: int = 0, world_size: int = 1,
                  master_addr: str = "127.0.0.1", master_port: int | None = None):
-        from transformers import AutoModelForCausalLM
-
         self.cfg, self.rank, self.world_size, self.model_path = cfg, rank, world_size, model_path
         on_gpu = cfg.backend == "nccl"
         if on_gpu:
@@ -83,7 +91,8 @@ class Learner:
         import numpy as np
 
         np.random.seed(cfg.seed + rank)
-        self.distributed = world_size > 1 or cfg.strategy == "fsdp2"
+        self.fsdp = cfg.strategy == "fsdp2"
+        self.distributed = world_size > 1 or self.fsdp
         if self.distributed:
             if master_port is None and world_size > 1:
                 raise ValueError("a distributed learner needs master_port (pick one with hygiene.free_port)")
@@ -93,17 +102,16 @@ class Learner:
                 master_port = free_port(master_addr)
             dist.init_process_group(cfg.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                     world_size=world_size, timeout=timedelta(minutes=10))
-        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(self.device)
-        if cfg.activation_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lm.config.use_cache = False
-        self.lm = lm
-        self.pad_id = lm.config.pad_token_id if lm.config.pad_token_id is not None else 0
+        self.train_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        """bf16 runs: FSDP2 gathers parameters and keeps the reference in bf16; the sharded fp32 parameters are the
+        optimizer's master weights (`plan.py` counts memory the same way)."""
+        self.policy = self._build(torch.float32, trainable=True)
+        self.lm = self.policy.lm
+        self.pad_id = self.lm.config.pad_token_id if self.lm.config.pad_token_id is not None else 0
         self.reference: TokenLogprobModel | None = None
         if cfg.kl_coef > 0 or cfg.algorithm == "dpo":
             self.reset_reference()
-        self.policy = TokenLogprobModel(lm, cfg.logprob_chunk_size)
-        self.module = self._wrap(self.policy)
+        self.module = self.policy if self.fsdp else self._wrap_ddp(self.policy)
         self.optimizer = torch.optim.AdamW(self.lm.parameters(), lr=cfg.lr, betas=cfg.betas,
                                            weight_decay=cfg.weight_decay)
         warmup = cfg.lr_warmup_steps
@@ -114,17 +122,45 @@ class Learner:
 
     # ------------------------------------------------------------------------------------------ setup
 
-    def _wrap(self, module: nn.Module) -> nn.Module:
-        cfg = self.cfg
-        if cfg.strategy == "fsdp2":
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    def _build(self, dtype: torch.dtype, *, trainable: bool) -> TokenLogprobModel:
+        """The model, its parameters first made on the meta device, then materialised where they live: under FSDP2
+        each rank allocates only its shards (`fully_shard` before `to_empty`), so no rank ever holds the whole
+        model. The policy (`trainable`) then reads its shards from the checkpoint files (`load_sharded`); the
+        reference stays empty until `reset_reference` copies the policy's shards into it."""
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                                      reduce_dtype=torch.float32)
-            for layer in self.lm.base_model.layers:
-                fully_shard(layer, mp_policy=mp)
-            fully_shard(module, mp_policy=mp)
-            return module
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_path), dtype=dtype)
+        lm.config.use_cache = False
+        if trainable and self.cfg.activation_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = TokenLogprobModel(lm, self.cfg.logprob_chunk_size)
+        if self.fsdp:
+            self._shard(model, trainable)
+        model.to_empty(device=self.device)
+        lm.tie_weights()   # to_empty gives each module a new tensor; FSDP2 keeps ties itself, plain modules do not
+        for module in lm.modules():   # non-persistent buffers (rotary frequencies) come from the config, not files
+            if module._non_persistent_buffers_set:
+                lm._init_weights(module)
+        if trainable:
+            load_sharded(lm, self.model_path)
+        else:
+            model.requires_grad_(False)
+        return model
+
+    def _shard(self, model: TokenLogprobModel, trainable: bool) -> None:
+        """FSDP2: one group per decoder layer + the root (embeddings, final norm, LM head). The policy gathers its
+        fp32 shards in the training dtype and reduces gradients in fp32; the frozen reference is stored in the
+        training dtype already. Policy and reference shard identically (same modules, same mesh)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = (MixedPrecisionPolicy(param_dtype=self.train_dtype, reduce_dtype=torch.float32) if trainable
+              else MixedPrecisionPolicy())
+        for layer in model.lm.base_model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+
+    def _wrap_ddp(self, module: nn.Module) -> nn.Module:
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -134,13 +170,13 @@ class Learner:
         return module
 
     def _autocast(self):
-        if self.cfg.bf16 and self.device.type == "cuda" and self.cfg.strategy != "fsdp2":
+        if self.cfg.bf16 and self.device.type == "cuda" and not self.fsdp:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _grad_sync(self, enabled: bool):
         """Accumulate locally on all but the last micro-batch (one gradient all-reduce per step)."""
-        if self.cfg.strategy == "fsdp2":
+        if self.fsdp:
             self.module.set_requires_gradient_sync(enabled)
             return contextlib.nullcontext()
         if not enabled and hasattr(self.module, "no_sync"):
@@ -157,7 +193,7 @@ class Learner:
     def _micro_batches(self, units: list) -> list[MicroBatch]:
         """Pack, move to device; under FSDP2 pad every rank to the same count (each forward is collective)."""
         mbs = [mb.to(self.device) for mb in pack_micro_batches(units, self.cfg.micro_batch_tokens, self.pad_id)]
-        if self.cfg.strategy == "fsdp2" and self.distributed:
+        if self.fsdp and self.distributed:
             n_max = int(self._all_reduce([len(mbs)], dist.ReduceOp.MAX)[0])
             while len(mbs) < n_max:   # a no-op micro-batch: real forward/backward, zero loss
                 mb = mbs[-1]
@@ -230,7 +266,7 @@ class Learner:
     @torch.no_grad()
     def compute_logprobs(self, samples: list[PolicySample]) -> list[list[float]]:
         """Teacher-forced log-probs of each sample under the current policy, aligned with input_ids (0.0 first)."""
-        return self._logprobs(self.module if self.cfg.strategy == "fsdp2" else self.policy, samples)
+        return self._logprobs(self.module if self.fsdp else self.policy, samples)
 
     def _logprobs(self, model: nn.Module, samples: list[PolicySample]) -> list[list[float]]:
         model.eval()
@@ -240,7 +276,14 @@ class Learner:
             with self._autocast():
                 logp, _ = model(mb.input_ids, None, mb.targets)
             out.append([0.0] + logp[0].float().cpu().tolist())
+        self._reshard(model)
         return out
+
+    def _reshard(self, model: nn.Module) -> None:
+        """FSDP2 keeps the root's parameters (embeddings, LM head) gathered after a forward, expecting a backward;
+        a forward without one frees them here, so a rank holds only its shards between calls."""
+        if self.fsdp:
+            model.reshard()
 
     @torch.no_grad()
     def _reference_logprobs(self, mb: MicroBatch) -> torch.Tensor:
@@ -250,44 +293,115 @@ class Learner:
         self.reference.eval()
         with self._autocast():
             logp, _ = self.reference(mb.input_ids, _attention(mb), mb.targets)
+        self._reshard(self.reference)
         return logp.float().detach()
 
+    @torch.no_grad()
     def reset_reference(self) -> None:
-        """Freeze a copy of the current policy as the KL / DPO reference (e.g. after the warm start)."""
-        weights = self.get_weights()
-        if self.reference is None:
-            from transformers import AutoConfig, AutoModelForCausalLM
+        """Freeze a copy of the current policy as the KL / DPO reference (e.g. after the warm start), on every rank.
 
-            config = AutoConfig.from_pretrained(self.model_path)
-            ref = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-            self.reference = TokenLogprobModel(ref, self.cfg.logprob_chunk_size).to(self.device)
-        self.reference.lm.load_state_dict(weights, strict=False)
-        self.reference.lm.tie_weights()
-        self.reference.requires_grad_(False)
+        Each rank copies its own shards: the reference is sharded exactly like the policy (FSDP2) and kept in the
+        training dtype, so this needs no communication and never holds the whole model."""
+        if self.reference is None:
+            self.reference = self._build(self.train_dtype, trainable=False)
+        ref, pol = self.reference.lm.named_parameters(), self.lm.named_parameters()
+        for (name, dst), (src_name, src) in zip(ref, pol, strict=True):
+            if name != src_name:
+                raise RuntimeError(f"reset_reference: reference parameter {name} faces policy parameter {src_name}")
+            _local(dst).copy_(_local(src))
+
+    def load_reference(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load full HF-named weights (a checkpoint's reference) into this rank's reference shards."""
+        if self.reference is None:
+            self.reference = self._build(self.train_dtype, trainable=False)
+        load_sharded(self.reference.lm, weights)
+
+    def weight_meta(self, *, as_stored: bool = False) -> Meta:
+        """`(HF name, full shape, dtype)` of every tensor a sync sends, in order: floating tensors in the training
+        dtype (bf16 runs send bf16), or as stored with `as_stored` (the fp32 master weights). Local: no collective."""
+        return [(name, tuple(t.shape), str(t.dtype if as_stored or not t.is_floating_point()
+                                           else self.train_dtype).removeprefix("torch."))
+                for name, t in self._named_weights(self.lm)]
+
+    def iter_weight_buckets(self, bucket_bytes: int, device: str | torch.device = "cpu", *, as_stored: bool = False,
+                            every_rank: bool = False, reference: bool = False
+                            ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The policy's (or the reference's) full weights in buckets cut by `bucket_indices(weight_meta(), ...)`.
+
+        Collective under FSDP2: every rank iterates to the end, gathering one tensor at a time in step. Rank 0 (or
+        every rank with `every_rank`) yields each bucket of full tensors on `device`; the other ranks yield
+        nothing. So a rank holds at most one bucket, never the whole model."""
+        from torch.distributed.tensor import DTensor
+
+        from mosaic_ray.weight_transfer import bucket_indices, dtype_of
+
+        lm = self.reference.lm if reference else self.lm
+        named, meta = self._named_weights(lm), self.weight_meta(as_stored=as_stored)
+        keep = every_rank or self.rank == 0
+        for idx in bucket_indices(meta, bucket_bytes):
+            bucket = []
+            for i in idx:
+                name, t = named[i]
+                full = t.full_tensor() if isinstance(t, DTensor) else t
+                if keep:
+                    dtype = full.dtype if as_stored else dtype_of(meta[i][2])
+                    # a sync serialises or flattens each bucket at once, so it may alias the parameter (no copy);
+                    # get_weights hands its tensors out, so it copies what is not a fresh gather already
+                    copy = as_stored and not isinstance(t, DTensor)
+                    bucket.append((name, full.detach().to(device, dtype, copy=copy)))
+                del full
+            if keep:
+                yield bucket
+
+    def iter_packed_buckets(self, bucket_bytes: int) -> Iterator[PackedBucket]:
+        """`iter_weight_buckets` in the sync dtype, each bucket as one flat buffer (the object-store sync's unit)."""
+        from mosaic_ray.weight_transfer import pack_bucket
+
+        for bucket in self.iter_weight_buckets(bucket_bytes):
+            yield pack_bucket(bucket)
 
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """Full CPU state dict with plain HF names (tied lm_head omitted, as in save_pretrained); {} off rank 0
-        under FSDP2 (the gather is collective: call on all ranks)."""
-        if self.cfg.strategy == "fsdp2":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        """Full CPU weights as stored (fp32 master weights) with plain HF names (tied lm_head omitted, as in
+        save_pretrained); {} off rank 0 (under FSDP2 the gather is collective: call on all ranks)."""
+        return {n: t for bucket in self.iter_weight_buckets(1 << 62, as_stored=True) for n, t in bucket}
 
-            sd = get_model_state_dict(self.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            sd = {k: v.detach().to("cpu", copy=True) for k, v in self.lm.state_dict().items()}
-        if getattr(self.lm.config, "tie_word_embeddings", False):
+    def reference_weights(self, every_rank: bool = False) -> dict[str, torch.Tensor]:
+        """Full CPU weights of the KL / DPO reference, in its dtype (collective under FSDP2); {} off rank 0 unless
+        `every_rank`."""
+        if self.reference is None:
+            raise ValueError("reference_weights: this learner keeps no reference (learner.kl_coef is 0 and the "
+                             "algorithm is not dpo)")
+        buckets = self.iter_weight_buckets(1 << 62, as_stored=True, every_rank=every_rank, reference=True)
+        return {n: t for b in buckets for n, t in b}
+
+    def _named_weights(self, lm: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """Parameters and persistent buffers by plain HF name (DTensors under FSDP2); a tied LM head is omitted."""
+        sd = lm.state_dict()
+        if getattr(lm.config, "tie_word_embeddings", False):
             sd.pop("lm_head.weight", None)
-        return {hf_name(k): v for k, v in sd.items()}
+        return [(hf_name(k), v) for k, v in sd.items()]
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load HF-named weights (e.g. a warm-started policy) into this rank."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        set_model_state_dict(self.lm, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        """Load full HF-named weights (e.g. a warm-started policy) into this rank's shards."""
+        load_sharded(self.lm, weights)
 
     def health(self) -> dict[str, Any]:
         return {"rank": self.rank, "world_size": self.world_size, "step": self.step, "device": str(self.device),
                 "strategy": self.cfg.strategy, "pid": os.getpid(),
-                "params": sum(p.numel() for p in self.lm.parameters())}
+                "params": sum(p.numel() for p in self.lm.parameters()), **self.memory()}
+
+    def memory(self) -> dict[str, float]:
+        """Bytes this rank holds: its parameter and reference shards, and the process's peak (RSS on CPU, CUDA
+        allocator peak on GPU)."""
+        import resource
+
+        def local_bytes(module: nn.Module | None) -> int:
+            return 0 if module is None else sum(_local(p).numel() * p.element_size() for p in module.parameters())
+
+        peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return {"param_bytes": float(local_bytes(self.lm)), "reference_bytes": float(local_bytes(self.reference)),
+                "peak_bytes": float(peak)}
 
     # ---------------------------------------------------------------------------------- weight sync
 
@@ -299,20 +413,23 @@ class Learner:
             self._weight_group = WeightGroup.create(host, port, 0, world_size, backend=self.cfg.backend,
                                                     device=str(self.device))
 
-    def broadcast_weights(self) -> dict[str, float]:
-        """Send the current weights to every receiver (collective gather first under FSDP2)."""
-        from mosaic_ray.weight_transfer import send_weights
+    def broadcast_weights(self, bucket_bytes: int | None = None) -> dict[str, float]:
+        """Send the current weights to every receiver, bucket by bucket as they are gathered (`bucket_bytes`, default
+        `sync_bucket_mb`). Collective under FSDP2: call on all ranks; rank 0 returns the metrics, the others {}."""
+        from mosaic_ray.weight_transfer import send_buckets
 
-        t0 = time.perf_counter()
-        weights = self.get_weights()
-        if self.rank != 0:
-            return {}
-        if self._weight_group is None:
+        if self.rank == 0 and self._weight_group is None:
             raise RuntimeError("broadcast_weights: call init_weight_group first")
-        send_weights(self._weight_group, weights)
-        return {"weight_sync/broadcast_s": time.perf_counter() - t0,
-                "weight_sync/bytes": float(sum(t.numel() * t.element_size() for t in weights.values())),
-                "weight_sync/version": float(self.step)}
+        t0 = time.perf_counter()
+        bucket_bytes = bucket_bytes or self.cfg.sync_bucket_mb << 20
+        device = self._weight_group.device if self.rank == 0 else self.device
+        buckets = ([t for _, t in b] for b in self.iter_weight_buckets(bucket_bytes, device))
+        if self.rank != 0:
+            for _ in buckets:   # run the gathers in step with rank 0
+                pass
+            return {}
+        sent = send_buckets(self._weight_group, self.weight_meta(), buckets, bucket_bytes=bucket_bytes)
+        return {"weight_sync/broadcast_s": time.perf_counter() - t0, "weight_sync/bytes": float(sent)}
 
     # ---------------------------------------------------------------------------------- checkpoints
 
@@ -333,6 +450,72 @@ class Learner:
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: writing it writes the parameter), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def checkpoint_files(model_path: str) -> dict[str, str]:
+    """HF tensor name → safetensors file of a model directory (`model.safetensors` or a sharded index)."""
+    import json
+
+    index = os.path.join(model_path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(model_path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(model_path, "model.safetensors")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise FileNotFoundError(f"model {model_path}: no model.safetensors or model.safetensors.index.json (the learner "
+                            f"reads safetensors shard by shard; re-save the model with save_pretrained)")
+
+
+@torch.no_grad()
+def load_sharded(lm: nn.Module, source: str | dict[str, torch.Tensor]) -> None:
+    """Fill `lm`'s parameters and persistent buffers (this rank's shards under FSDP2) from a model directory's
+    safetensors files or from a dict of full tensors, by HF name. From files, each rank reads only the rows of its
+    own dim-0 shards (memory-mapped `get_slice`), so loading never holds a full tensor, let alone the model.
+    A tied LM head shares the embedding's parameter; every other name must be present."""
+    import contextlib as ctx
+
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+
+    files = checkpoint_files(source) if isinstance(source, str) else None
+    persistent = [(f"{mod}.{b}" if mod else b, buf) for mod, m in lm.named_modules()
+                  for b, buf in m.named_buffers(recurse=False) if b not in m._non_persistent_buffers_set]
+    with ctx.ExitStack() as stack:
+        handles: dict[str, Any] = {}
+        for name, t in [*lm.named_parameters(), *persistent]:
+            if name not in (files if files is not None else source):
+                where = source if isinstance(source, str) else "the given weights"
+                raise KeyError(f"{where}: no tensor {name!r} for the model's parameter of that name")
+            rows = None
+            if isinstance(t, DTensor):
+                if tuple(t.placements) != (Shard(0),):
+                    raise ValueError(f"{name}: expected FSDP2's dim-0 sharding, got {t.placements}")
+                chunk = -(-t.shape[0] // t.device_mesh.size())
+                start = t.device_mesh.get_local_rank() * chunk
+                rows = slice(start, start + _local(t).shape[0])
+            if files is not None:
+                path = files[name]
+                if path not in handles:
+                    handles[path] = stack.enter_context(safe_open(path, framework="pt"))
+                view = handles[path].get_slice(name)
+                src = view[rows] if rows is not None else view[:]
+            else:
+                src = source[name][rows] if rows is not None else source[name]
+            if tuple(src.shape) != tuple(_local(t).shape):
+                raise ValueError(f"{name}: source shape {tuple(src.shape)} does not fit the model's "
+                                 f"{tuple(_local(t).shape)}")
+            _local(t).copy_(src)
 
 
 def _attention(mb: MicroBatch) -> torch.Tensor | None:

@@ -11,8 +11,11 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 
+import mosaic_ray
 from mosaic_ray.config import ConfigError, load_config, preset_names, to_yaml
+from mosaic_ray.errors import UserError
 
 # Modules that add subcommands (each has `register(subparsers)`).
 SUBCOMMAND_MODULES = (
@@ -20,11 +23,18 @@ SUBCOMMAND_MODULES = (
     "mosaic_ray.evaluation",
     "mosaic_ray.driver.cli",
     "mosaic_ray.benchmarks.suite_report",
+    "mosaic_ray.plan",
 )
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    cfg = load_config(args.name, args.set)
+    if args.name is not None and args.config is not None and args.name != args.config:
+        raise UserError(f"config show: preset given twice ({args.name!r} and --config {args.config!r}); "
+                        f"use --config only")
+    if args.name is not None:
+        print(f"mosaic-ray: `config show {args.name}` is deprecated; use `config show --config {args.name}`",
+              file=sys.stderr)
+    cfg = load_config(args.config or args.name or "tiny-cpu", args.set)
     sys.stdout.write(to_yaml(cfg))
     return 0
 
@@ -46,12 +56,16 @@ def _model_init(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mosaic-ray", description="MOSAIC on Ray: train agents that know when "
                                      "to act and when to refuse.")
+    parser.add_argument("--version", action="version",
+                        version=f"mosaic-ray {mosaic_ray.__version__} ({Path(mosaic_ray.__file__).parent})")
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="inspect configs")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="print a resolved config")
-    show.add_argument("name", nargs="?", default="tiny-cpu", help=f"preset ({', '.join(preset_names())}) or YAML path")
+    show.add_argument("--config", default=None,
+                      help=f"preset ({', '.join(preset_names())}) or YAML path (default tiny-cpu)")
+    show.add_argument("name", nargs="?", default=None, help="deprecated alias of --config")
     show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key")
     show.set_defaults(func=_config_show)
 
@@ -76,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"mosaic-ray: config error: {e}", file=sys.stderr)
+    except UserError as e:  # ConfigError, TaskFileError, ...: one line naming what and where, no traceback
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        print(f"mosaic-ray: {kind}: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 

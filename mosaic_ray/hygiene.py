@@ -100,6 +100,13 @@ class RayHead:
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     marker: str = field(default_factory=lambda: f"MOSAIC_RAY_HEAD_{os.getpid()}_{time.time_ns()}")
+    port_base: int | None = None
+    """Every port from port_base .. port_base + 99 (head +0, dashboard +1, metrics +2, other components +3..+8,
+    workers +20..+80) instead of ports the OS picks: for a machine where each user owns a port range."""
+
+    def __post_init__(self) -> None:
+        if self.port_base is not None:
+            self.port, self.dashboard_port, self.metrics_port = (self.port_base + i for i in range(3))
 
     @property
     def address(self) -> str:
@@ -121,7 +128,13 @@ class RayHead:
 
     def start(self, timeout_s: float = 120.0) -> RayHead:
         Path(self.temp_dir).mkdir(parents=True, exist_ok=True)
-        ports = [free_port() for _ in range(7)]
+        if self.port_base is not None:
+            ports = [*(self.port_base + i for i in range(3, 9)), self.port_base + 20]
+        else:
+            ports = [free_port() for _ in range(7)]
+            taken = {self.port, self.dashboard_port, self.metrics_port, *ports[:6]}
+            while taken & set(range(ports[6], ports[6] + 61)):  # the worker range must not hold another port
+                ports[6] = free_port()
         cmd = [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
             f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
@@ -135,7 +148,7 @@ class RayHead:
         log = Path(self.temp_dir) / "ray-start.log"
         with open(log, "w") as out:
             proc = subprocess.run(cmd, env=self.process_env(), stdout=out, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s)
+                                  timeout=timeout_s, check=False)
         if proc.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed (exit {proc.returncode}); see {log}: {log.read_text()[-800:]}")

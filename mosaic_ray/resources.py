@@ -7,6 +7,12 @@ pending demand. CPU/GPU counts alone cannot tell a rollout worker (wants a cheap
 of it, so the name acts as a node-type selector while CPUs/GPUs still bound how many actors fit a node
 (1 / RESOURCE_FRACTION = 100 actors per node is far above any node's CPU or GPU count).
 
+Placement: the learner ranks of a run, and its engines, each sit in a Ray placement group with one bundle per
+actor (`reserve`, PACK by default: `learner.placement_strategy`, `engine.placement_strategy`). Before asking Ray,
+`reserve` checks the bundles against the live nodes and the autoscaler's node types, and a request that can never
+be met fails at start-up naming the missing resource; one that could be met but is not within
+`*.placement_timeout_s` fails too, with what is free. Nothing waits forever.
+
 Local runs are unaffected: the custom resource is only requested when the cluster advertises it
 (`cluster_has_resource`): on a live node, in the autoscaler's node types as reported to the GCS, or declared
 by the cluster config in the environment variable MOSAIC_RAY_CLUSTER_RESOURCES (comma-separated). The
@@ -23,6 +29,7 @@ from collections.abc import Collection, Mapping
 from typing import Any, Literal
 
 from mosaic_ray.config import ConfigError, MosaicConfig
+from mosaic_ray.errors import UserError
 
 ROLLOUT_RESOURCE = "mosaic_rollout"
 """Advertised by CPU rollout-worker nodes."""
@@ -57,7 +64,7 @@ def advertised_resources() -> set[str]:
     reported to the GCS (when it does), and `declared_resources()`.
 
     Without a Ray connection (plain local runs) only the declaration counts, which local runs don't set.
-    Ray is imported lazily: this is the module's only Ray call, made by the driver/fleet, never at import.
+    Ray is imported lazily here and below (calls made by the driver, fleet and learner group, never at import).
     """
     import ray
 
@@ -101,6 +108,109 @@ def actor_options(kind: ActorKind, cfg: MosaicConfig, advertised: Collection[str
     if cluster_has_resource(name, advertised_resources() if advertised is None else advertised):
         options["resources"] = {name: RESOURCE_FRACTION}
     return options
+
+
+class PlacementError(UserError):
+    """The actors of one kind can never be placed on this cluster, or were not placed in time; the message names
+    the resource that is missing."""
+
+
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
+def node_capacities() -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """(total resources of each live node, resources of each node type the autoscaler may still add)."""
+    import ray
+
+    live = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    addable: list[dict[str, float]] = []
+    try:  # private API (Ray 2.60), as in `advertised_resources`
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except (ImportError, AttributeError):
+        config = None
+    if config is not None:
+        addable = [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
+    return live, addable
+
+
+def unmet(bundle: dict[str, float], count: int, strategy: PlacementStrategy, live: list[dict[str, float]],
+          addable: list[dict[str, float]]) -> str | None:
+    """Why `count` bundles can never be placed with `strategy` on these nodes (None when they can): some resource
+    no node offers, a STRICT_PACK larger than any node, or (when the autoscaler can add no node type) more bundles
+    than the live nodes hold in total."""
+    def fits(cap: dict[str, float], need: dict[str, float]) -> bool:
+        return all(cap.get(k, 0.0) >= v - 1e-9 for k, v in need.items())
+
+    nodes = live + addable
+    if not any(fits(cap, bundle) for cap in nodes):
+        short = [f"{k} {v:g} (largest node: {max((c.get(k, 0.0) for c in nodes), default=0.0):g})"
+                 for k, v in bundle.items() if all(c.get(k, 0.0) < v - 1e-9 for c in nodes)]
+        return "no node offers " + ", ".join(short or [f"all of {bundle} at once"])
+    if strategy == "STRICT_PACK":
+        total = {k: v * count for k, v in bundle.items()}
+        if not any(fits(cap, total) for cap in nodes):
+            return f"STRICT_PACK needs {total} on one node, and no node is that large"
+    if addable:   # the autoscaler can add nodes: each bundle fitting some node type is enough
+        return None
+    if strategy == "STRICT_SPREAD":
+        room = sum(fits(cap, bundle) for cap in live)
+        return None if room >= count else f"STRICT_SPREAD needs {count} nodes that fit one bundle, the cluster has {room}"
+    room = sum(int(min(cap.get(k, 0.0) / v for k, v in bundle.items() if v > 0) + 1e-9) for cap in live)
+    return None if room >= count else (f"the cluster's nodes hold {room} such bundle(s) in total, {count} needed "
+                                       f"(cluster resources: {_short(ray_total(live))})")
+
+
+def ray_total(nodes: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for cap in nodes:
+        for k, v in cap.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
+def _short(resources: Mapping[str, float]) -> str:
+    keep = {k: v for k, v in resources.items() if not k.startswith(("node:", "accelerator_type:"))
+            and k not in ("memory", "object_store_memory")}
+    return ", ".join(f"{k}: {v:g}" for k, v in sorted(keep.items()))
+
+
+def reserve(kind: ActorKind, options: dict[str, Any], count: int, *, strategy: PlacementStrategy = "PACK",
+            timeout_s: float = 600.0) -> Any:
+    """A ready placement group of `count` bundles shaped like `options` (from `actor_options`), one per actor.
+
+    Fails at once (PlacementError) when the cluster can never hold them, naming the missing resource, and after
+    `timeout_s` when it could but did not (other actors hold the resources, or the autoscaler cannot add nodes):
+    a run never hangs waiting for resources. The caller removes the group when its actors are done
+    (`ray.util.remove_placement_group`)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = as_bundle(options) or {"CPU": 0.001}   # Ray refuses an empty bundle
+    live, addable = node_capacities()
+    known = {k for cap in live + addable for k in cap}
+    # a resource only declared by name belongs to nodes the autoscaler has not started yet: only the timeout tells
+    why = None if set(bundle) & (declared_resources() - known) else unmet(bundle, count, strategy, live, addable)
+    if why is not None:
+        raise PlacementError(f"{count} {kind}(s) of {_short(bundle)} each ({strategy}) can never be placed: {why}. "
+                             f"Lower {kind}'s num_cpus / num_gpus or count, or add nodes that offer it")
+    pg = placement_group([dict(bundle) for _ in range(count)], strategy=strategy)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(pg)
+        raise PlacementError(f"{count} {kind}(s) of {_short(bundle)} each ({strategy}) were not placed within "
+                             f"{timeout_s:g} s ({kind}.placement_timeout_s); free now: "
+                             f"{_short(ray.available_resources())}") from None
+    return pg
+
+
+def in_bundle(pg: Any, index: int) -> dict[str, Any]:
+    """Actor options that put an actor into bundle `index` of placement group `pg`."""
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
 
 
 def as_bundle(options: dict[str, Any]) -> dict[str, float]:

@@ -277,9 +277,27 @@ def to_arrow(records: Sequence[R], cls: type | None = None) -> pa.Table:
             raise TypeError(f"to_arrow: mixed record types {cls.__name__} and {type(rec).__name__}")
         if isinstance(rec, TrajectoryRecord):
             rec.validate()
-    table = pa.Table.from_pylist([_row(r) for r in records], schema=schema)
+    rows = [_row(r) for r in records]
+    try:
+        table = pa.Table.from_pylist(rows, schema=schema)
+    except UnicodeEncodeError:  # a lone surrogate in model text ("\ud800" is valid JSON): keep the row, mark it
+        table = pa.Table.from_pylist(_valid_utf8(rows), schema=schema)
     _check_nulls(table, _DATASET_OF[cls])
     return table
+
+
+def _valid_utf8(value: Any) -> Any:
+    """`value` with every string made encodable: lone surrogates become U+FFFD, surrogate pairs are joined.
+
+    JSON escapes let a model write any UTF-16 code unit as ASCII; Arrow strings are UTF-8, which has no lone
+    surrogates. Only the slow path of `to_arrow` calls this, so clean records pay nothing."""
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {k: _valid_utf8(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_valid_utf8(v) for v in value]
+    return value
 
 
 def _check_nulls(table: pa.Table, dataset: str) -> None:

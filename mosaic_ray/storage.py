@@ -9,13 +9,22 @@ Layout under the run URI (one directory per dataset; see `mosaic_ray.schema.DATA
 
 Commit protocol of `write_shard` (single writer per dataset — the pair builder):
 1. write the Parquet file as `<shard>.parquet` (a deterministic name: a rewrite of the same shard replaces the
-   same file). Locally it is written under `_tmp/` and renamed; on S3 it is uploaded to its final key
+   same file). Locally it is written under `_tmp/`, fsynced and renamed; on S3 it is uploaded to its final key
    directly (an object becomes visible only when its upload completes);
-2. replace `_manifest.json` with a new version listing the shard (locally: temp file + rename; on S3: one
-   PUT) — both atomic, so a reader sees the old or the new manifest, never a torn one.
+2. replace `_manifest.json` with a new version listing the shard (locally: temp file, fsync, rename, fsync of
+   the directory; on S3: one PUT) — both atomic, so a reader sees the old or the new manifest, never a torn
+   one, and locally a commit that returned survives a power loss.
 A crash before 2 leaves the shard uncommitted: readers go through the manifest and never see it, and the
 writer's `recover()` deletes it on restart. A shard name that is already committed is a no-op, so a retried or
 restarted writer never duplicates rows.
+
+Fencing: a dataset's writer holds an epoch in `<dataset>/_writer.json`. `recover()` (a writer's restart) and a
+writer's first `write_shard` take the next epoch; every commit first checks that the epoch is still its own, so a
+stale writer (a zombie actor, the old job while `--resume` runs) fails loudly with `StaleWriterError` instead
+of overwriting the new writer's commits. Locally the check and the manifest replace run under an exclusive
+`flock` on `<dataset>/_writer.lock`, so they are one step for every writer on the host. On S3 the check and
+the PUT are two requests: a stale writer whose check passed a moment before the new writer took over can still
+commit once (the window is one request long); the next commit fails.
 
 S3 access goes through `s3fs` with the standard AWS chain (environment, `~/.aws/config`, instance role);
 `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) selects an S3-compatible endpoint. Credentials are never logged:
@@ -26,6 +35,7 @@ dataset), so a commit costs two requests on S3: the shard and the manifest. The 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -42,11 +52,17 @@ import pyarrow.parquet as pq
 from mosaic_ray.schema import DATASETS, schema_for
 
 MANIFEST = "_manifest.json"
+LEASE = "_writer.json"
+LOCK = "_writer.lock"
 TMP_DIR = "_tmp"
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
-__all__ = ["MANIFEST", "RunStorage", "ShardInfo", "read_ray_dataset"]
+__all__ = ["MANIFEST", "RunStorage", "ShardInfo", "StaleWriterError", "read_ray_dataset"]
+
+
+class StaleWriterError(RuntimeError):
+    """This writer's epoch was superseded: another writer took over the dataset; its commit is refused."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,8 @@ class RunStorage:
         self.uri = uri.rstrip("/") if uri.rstrip("/") else uri
         self.storage_options = dict(storage_options or {})
         self._writer_manifests: dict[str, dict[str, Any]] = {}
+        self._epochs: dict[str, tuple[int, str]] = {}
+        """dataset → (epoch, token) this object holds as the dataset's writer."""
         if uri.startswith("s3://"):
             self.root = uri[len("s3://"):].rstrip("/")
             if not self.root or self.root.startswith("/"):
@@ -122,8 +140,8 @@ class RunStorage:
             return
         parent, _, name = relpath.rpartition("/")
         tmp = self.path(*(p for p in (parent, f".{name}.{uuid.uuid4().hex}.tmp") if p))
-        self.filesystem.pipe_file(tmp, data)
-        self.filesystem.mv(tmp, self.path(relpath))
+        _durable_write(tmp, data)
+        _durable_rename(tmp, self.path(relpath))
 
     def get_bytes(self, relpath: str) -> bytes:
         """Read a small file; FileNotFoundError names the URI."""
@@ -184,27 +202,93 @@ class RunStorage:
         if not _SHARD_NAME.match(shard_name):
             raise ValueError(f"{self.url(dataset)}: bad shard name {shard_name!r} (letters, digits, '.', '_', '-'; "
                              f"at most 200 characters, not starting with a dot)")
+        if dataset not in self._epochs:
+            self.acquire_writer(dataset)  # (re)reads the manifest the previous writer left
         manifest = self._writer_manifest(dataset)
         for s in manifest["shards"]:
             if s["name"] == shard_name:
                 return ShardInfo(**s), False
-        fs = self.filesystem
         final_file = f"{shard_name}.parquet"
         final = self.path(dataset, final_file)
         # S3 makes an object visible only once its upload completes, so the shard goes straight to its final
-        # key; a local file is visible while it is written, so it goes through a temp name and a rename.
-        target = final if self.is_s3 else self.path(dataset, TMP_DIR, f"{shard_name}.{uuid.uuid4().hex}.parquet.tmp")
-        with fs.open(target, "wb") as f:
-            pq.write_table(table, f)
-            size = f.tell()
-        if target != final:
-            fs.mv(target, final)
+        # key; a local file is visible while it is written, so it goes through a temp name, fsync and rename.
+        if self.is_s3:
+            with self.filesystem.open(final, "wb") as f:
+                pq.write_table(table, f)
+                size = f.tell()
+        else:
+            tmp = self.path(dataset, TMP_DIR, f"{shard_name}.{uuid.uuid4().hex}.parquet.tmp")
+            os.makedirs(os.path.dirname(tmp), exist_ok=True)
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                size = f.tell()
+                f.flush()
+                os.fsync(f.fileno())
+            _durable_rename(tmp, final)
         info = ShardInfo(name=shard_name, file=final_file, rows=table.num_rows, bytes=int(size),
                          committed_at=time.time(), meta=dict(meta or {}))
-        new = {**manifest, "shards": [*manifest["shards"], asdict(info)]}
-        self._replace_manifest(dataset, new)
+        new = {**manifest, "epoch": self._epochs[dataset][0], "shards": [*manifest["shards"], asdict(info)]}
+        with self._writer_lock(dataset):
+            self._check_epoch(dataset, f"commit of shard {shard_name!r}")
+            self._replace_manifest(dataset, new)
         self._writer_manifests[dataset] = new
         return info, True
+
+    # ------------------------------------------------------------------------------------------- fencing
+
+    def acquire_writer(self, dataset: str) -> int:
+        """Become `dataset`'s writer: take the next epoch (any earlier writer's next commit then fails)."""
+        _check_dataset(dataset)
+        token = uuid.uuid4().hex
+        with self._writer_lock(dataset):
+            epoch = self._lease(dataset).get("epoch", 0) + 1
+            data = json.dumps({"epoch": epoch, "writer": token, "acquired_at": time.time()}).encode()
+            if self.is_s3:
+                self.filesystem.pipe_file(self.path(dataset, LEASE), data)
+            else:
+                tmp = self.path(dataset, TMP_DIR, f"_writer.{token}.json.tmp")
+                _durable_write(tmp, data)
+                _durable_rename(tmp, self.path(dataset, LEASE))
+        self._epochs[dataset] = (epoch, token)
+        self._writer_manifests.pop(dataset, None)  # read what the previous writer committed, once
+        return epoch
+
+    def _lease(self, dataset: str) -> dict[str, Any]:
+        try:
+            raw = self.filesystem.cat_file(self.path(dataset, LEASE))
+        except FileNotFoundError:
+            return {}
+        try:
+            lease = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.url(dataset, LEASE)}: corrupt writer lease: {e}") from None
+        return lease if isinstance(lease, dict) else {}
+
+    def _check_epoch(self, dataset: str, what: str) -> None:
+        mine, token = self._epochs[dataset]
+        lease = self._lease(dataset)
+        if lease.get("epoch") != mine or lease.get("writer") != token:
+            raise StaleWriterError(
+                f"{self.url(dataset)}: {what} refused: this writer holds epoch {mine}, but epoch "
+                f"{lease.get('epoch')} took over the dataset (a restarted writer or a second job on the same run "
+                f"directory); stop this writer")
+
+    @contextlib.contextmanager
+    def _writer_lock(self, dataset: str) -> Iterator[None]:
+        """Exclusive lock over lease check + manifest replace (local only; see the module docstring)."""
+        if self.is_s3:
+            yield
+            return
+        import fcntl
+
+        path = self.path(dataset, LOCK)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
 
     def _writer_manifest(self, dataset: str) -> dict[str, Any]:
         """The manifest as this writer last committed it (read once; the writer is the dataset's only one)."""
@@ -218,8 +302,8 @@ class RunStorage:
             self.filesystem.pipe_file(self.path(dataset, MANIFEST), data)
             return
         tmp = self.path(dataset, TMP_DIR, f"_manifest.{uuid.uuid4().hex}.json.tmp")
-        self.filesystem.pipe_file(tmp, data)
-        self.filesystem.mv(tmp, self.path(dataset, MANIFEST))
+        _durable_write(tmp, data)
+        _durable_rename(tmp, self.path(dataset, MANIFEST))
 
     def shard_paths(self, dataset: str) -> list[str]:
         """Filesystem paths of the committed shard files (for `pyarrow.dataset` / Ray Data with `filesystem`)."""
@@ -261,6 +345,7 @@ class RunStorage:
         fs.invalidate_cache(base)
         if not fs.exists(base):
             return []
+        self.acquire_writer(dataset)  # fence the previous writer out before removing its in-flight files
         committed = {self.path(dataset, s.file) for s in self.committed_shards(dataset)}
         keep = committed | {self.path(dataset, MANIFEST)}
         stale = [p for p in fs.find(base) if p.endswith((".parquet", ".tmp")) and _strip(p) not in keep]
@@ -268,6 +353,25 @@ class RunStorage:
             fs.rm_file(p)
         fs.invalidate_cache(base)
         return stale
+
+
+def _durable_write(path: str, data: bytes) -> None:
+    """Write a local file and fsync it (its contents reach the disk before it is renamed into place)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _durable_rename(src: str, dst: str) -> None:
+    """Atomic local rename, then fsync of the directory, so the new name survives a crash."""
+    os.replace(src, dst)
+    fd = os.open(os.path.dirname(dst) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _strip(p: str) -> str:

@@ -54,8 +54,8 @@ def test_bad_inputs_name_what_is_wrong():
         bfcl.run_suite("scripted:ground_truth", "web_search")
     with pytest.raises(ValueError, match="BFCL has no attacks"):
         bfcl.run_suite("scripted:ground_truth", "simple", attack="important_instructions")
-    with pytest.raises(ValueError, match="unknown scripted policy 'naive'"):
-        bfcl.run_suite("scripted:naive", "simple")
+    with pytest.raises(ValueError, match="unknown scripted policy 'oracle'"):
+        bfcl.run_suite("scripted:oracle", "simple")
 
 
 def test_model_policy_runs_end_to_end(tiny_model_dir, tmp_path):

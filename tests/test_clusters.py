@@ -310,7 +310,7 @@ def test_runtime_env_is_valid_and_declares_the_resources():
     env = load(CLUSTERS / "runtime_env.yaml")
     RuntimeEnv(**env)  # raises on unknown or malformed fields
     assert declared_resources(env["env_vars"]) == CUSTOM
-    assert "working_dir" not in env and "py_modules" not in env, "would shadow the installed package"
+    assert "working_dir" not in env and "py_modules" not in env, "the image ships the code; --working-dir is per job"
 
 
 def test_no_credentials_anywhere_in_clusters():

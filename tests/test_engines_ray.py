@@ -151,9 +151,11 @@ def test_add_and_remove_engines_while_serving(engines, tiny_model_dir):
     assert ray.get(removed.health.remote())["requests"] - before == 16  # only the first wave reached it
     assert local.health()["requests"] > 0
 
-    # An engine actor that dies is dropped from the router and its requests are retried on another engine.
+    # Requests to an engine actor that died are retried on another engine; the dead one cools down (engine actors
+    # restart in place, so the router keeps the handle).
     ray.kill(engines[1])
     outs = asyncio.run(router.generate_many([GenerationRequest([5, 6, 7], SamplingParams(max_new_tokens=3, seed=i))
                                              for i in range(4)]))
     assert all(len(o.token_ids) == 3 for o in outs)
-    assert router.engines == [local] and router.stats["dead_engines_removed"] == 1
+    assert router.stats["engine_failures"] >= 1 and router.stats["retried"] >= 1
+    assert {router.pick() for _ in range(4)} == {local}  # cooling down: nothing goes to it for now

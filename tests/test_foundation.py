@@ -55,9 +55,9 @@ def test_presets_cover_embedded_and_cluster_models():
 
 
 def test_override_sets_typed_values():
-    cfg = load_config("tiny-cpu", ["learner.lr=1e-3", "rollout.group_size=8", "scenarios.domains=[email, banking]"])
+    cfg = load_config("tiny-cpu", ["learner.lr=1e-3", "rollout.group_size=8", "scenarios.domains=[email, bank]"])
     assert cfg.learner.lr == 1e-3 and cfg.rollout.group_size == 8
-    assert cfg.scenarios.domains == ("email", "banking")
+    assert cfg.scenarios.domains == ("email", "bank")
 
 
 def test_wrong_type_names_key_and_expected_type():

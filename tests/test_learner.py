@@ -167,10 +167,11 @@ def test_checkpoint_is_an_hf_model_dir_and_never_needs_pickle(tiny_model_dir, tm
 
 
 @pytest.mark.ray
-def test_weights_reach_a_receiver_by_broadcast_and_object_store(tiny_model_dir, ray_session):
+def test_weights_reach_a_receiver_by_broadcast_and_object_store_in_buckets(tiny_model_dir, ray_session):
     import ray
 
     from mosaic_ray.hygiene import free_port
+    from mosaic_ray.weight_transfer import bucket_indices, unpack_bucket
 
     @ray.remote(num_cpus=0)
     class Receiver:
@@ -180,11 +181,11 @@ def test_weights_reach_a_receiver_by_broadcast_and_object_store(tiny_model_dir, 
             self.group = WeightGroup.create("127.0.0.1", port, 1, 2)
 
         def recv(self):
-            from mosaic_ray.weight_transfer import recv_weights
+            from mosaic_ray.weight_transfer import recv_buckets
 
-            return recv_weights(self.group)
+            return [dict(bucket) for bucket in recv_buckets(self.group)]
 
-    lg = LearnerGroup(tiny_model_dir, CFG)
+    lg = LearnerGroup(tiny_model_dir, LearnerConfig(**{**CFG.__dict__, "sync_bucket_mb": 1}))
     lg.update(random_batch(4, seed=40))
     rx = Receiver.remote()
     port = free_port()
@@ -193,11 +194,19 @@ def test_weights_reach_a_receiver_by_broadcast_and_object_store(tiny_model_dir, 
     ray.get(joined)
     got = rx.recv.remote()
     metrics = lg.broadcast_weights()
-    received = ray.get(got)
+    buckets = ray.get(got)
     expected = lg.get_weights()
-    assert max_diff(expected, received) == 0.0 and "lm_head.weight" not in received
-    assert metrics["weight_sync/bytes"] > 0 and metrics["weight_sync/version"] == 1.0
-    assert max_diff(expected, ray.get(lg.weights_ref())) == 0.0
+    meta = lg.weight_meta()
+    assert [name for name, _, _ in meta] == list(expected) and "lm_head.weight" not in expected
+    plan = bucket_indices(meta, 1 << 20)
+    assert len(buckets) == len(plan) > 2
+    for bucket in buckets:   # a bucket exceeds 1 MiB only when it is one tensor that does
+        assert len(bucket) == 1 or sum(t.numel() * t.element_size() for t in bucket.values()) <= 1 << 20
+    assert max_diff(expected, {k: v for b in buckets for k, v in b.items()}) == 0.0
+    assert metrics["weight_sync/bytes"] == sum(t.numel() * t.element_size() for t in expected.values())
+    by_store = [unpack_bucket(ray.get(ref)) for ref in lg.weight_buckets(1 << 20)]   # zero-copy views
+    assert [[n for n, _ in b] for b in by_store] == [list(b) for b in buckets]
+    assert max_diff(expected, {n: t for b in by_store for n, t in b}) == 0.0
     ray.kill(rx)
 
 

@@ -96,7 +96,7 @@ class InterruptedTrainer(Trainer):
     def update(self, traj, rewards, m):
         if int(m["iteration"]) == 1:
             raise KeyboardInterrupt
-        super().update(traj, rewards, m)
+        return super().update(traj, rewards, m)
 
 
 def test_resume_after_interrupt_has_identical_accounting(full_run, tmp_path):

@@ -1,9 +1,15 @@
 """`EngineActor`: one engine in a Ray async actor, and helpers to start engine actors from the config.
 
 The actor is async with a high `max_concurrency`, so many rollout workers' `generate` calls are inside the
-engine at once and the HF engine can batch them. Weight updates arrive either by value (a dict of tensors, or
-an ObjectRef to one, which the driver `ray.put`s once for all engines) or by broadcast over a private
-torch.distributed group (`init_weight_group` + `receive_weights`, see `mosaic_ray.weight_transfer`).
+engine at once and the HF engine can batch them. The driver's weight sync streams buckets, either through the
+object store (`begin_weight_update`, `load_weight_bucket` per bucket ref, `finish_weight_update`) or by broadcast
+over a private torch.distributed group (`init_weight_group` once, then `receive_weights` per version, see
+`mosaic_ray.weight_transfer`). `update_weights` loads a whole dict at once (tests, small updates).
+
+Restarts: engine actors restart in place (`engine.max_restarts`; same handle) after a crash or a kill of a hung
+engine (`EngineSupervisor`). A restarted engine holds the base model, so it refuses `generate` with
+`EngineNotServingError` (routers retry elsewhere) until the current weights are loaded into it, or until
+`serve_base_weights` says the base model is the current policy (version 0).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import ray
 
 from mosaic_ray.config import EngineConfig, MosaicConfig
 
-from .base import Completion, GenerationRequest, PauseMode, check_version
+from .base import Completion, GenerationRequest, PauseMode
+from .router import EngineNotServingError
 
 __all__ = ["MAX_CONCURRENCY", "EngineActor", "engine_actor_options", "start_engine_actors"]
 
@@ -37,10 +44,15 @@ class EngineActor:
         set_torch_threads(1)  # an HF engine then sets its own `cpu_threads`
         self.engine = make_engine(cfg, model_path, dtype=dtype)
         self._weight_group = None
+        self._weight_group_key: str | None = None
+        self._serving = not ray.get_runtime_context().was_current_actor_reconstructed
+        """False after a restart until the current weights are loaded (see the module docstring)."""
 
     # ------------------------------------------------------------------------------------ data plane
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        if not self._serving:
+            raise EngineNotServingError("engine restarted and waits for the current weights")
         return await self.engine.generate(requests)
 
     # --------------------------------------------------------------------------------- control plane
@@ -50,6 +62,7 @@ class EngineActor:
         if isinstance(weights, ray.ObjectRef):
             weights = await weights
         await self.engine.update_weights_async(weights, version)
+        self._serving = True
         return self.engine.version
 
     async def init_weight_group(self, host: str, port: int, world_size: int, rank: int,
@@ -61,26 +74,73 @@ class EngineActor:
             raise ValueError("init_weight_group: rank 0 is the sender (the learner); engines take ranks >= 1")
         self._weight_group = await asyncio.to_thread(WeightGroup.create, host, port, rank, world_size,
                                                      backend=backend)
+        self._weight_group_key = f"{host}:{port}"
+
+    def weight_group_key(self) -> str | None:
+        """`host:port` of the broadcast group this engine has joined; None after a restart (it must join again)."""
+        return self._weight_group_key
 
     async def receive_weights(self, version: int, meta: list | None = None) -> int:
-        """Receive one broadcast from the learner and load it as `version`. The tensors are always received
-        (the sender blocks until every rank does) before a stale version is rejected."""
-        from mosaic_ray.weight_transfer import recv_weights
+        """Receive one broadcast from the learner and load it as `version`, bucket by bucket (drain, load each
+        bucket as it arrives, resume): the engine holds one bucket extra, never the model. Every bucket is received
+        even when the update is refused (stale version, bad names), since the sender blocks until all ranks take
+        each one; the refusal is raised after."""
+        from mosaic_ray.weight_transfer import recv_buckets
 
         if self._weight_group is None:
             raise RuntimeError("receive_weights: call init_weight_group first")
         if meta is not None:
             meta = [(name, tuple(shape), dtype) for name, shape, dtype in meta]
-        tensors = await asyncio.to_thread(recv_weights, self._weight_group, meta)
-        check_version(self.engine.version, version)
-        await self.engine.update_weights_async(tensors, version)
+        buckets = recv_buckets(self._weight_group, meta)
+        refused: Exception | None = None
+        try:
+            await self.engine.begin_weight_update(version, meta)
+        except ValueError as exc:   # StaleWeightsError is a ValueError
+            refused = exc
+        while (bucket := await asyncio.to_thread(next, buckets, None)) is not None:
+            if refused is None:
+                try:
+                    await self.engine.load_weight_bucket(bucket)
+                except ValueError as exc:
+                    refused = exc
+            del bucket
+        if refused is not None:
+            raise refused
+        await self.engine.finish_weight_update(version)
+        self._serving = True
         return self.engine.version
+
+    async def begin_weight_update(self, version: int, meta: list | None = None) -> None:
+        """Object-store path: drain and hold for `version` (see `Engine.begin_weight_update`)."""
+        await self.engine.begin_weight_update(version, meta)
+
+    async def load_weight_bucket(self, bucket: Any) -> int:
+        """Load one bucket: a `PackedBucket` (a top-level ObjectRef arrives resolved, its buffer a zero-copy view
+        of the object store), a dict or a list of (name, tensor). Returns the bucket's bytes."""
+        from mosaic_ray.weight_transfer import PackedBucket, unpack_bucket
+
+        items = unpack_bucket(bucket) if isinstance(bucket, PackedBucket) else bucket
+        items = list(items.items()) if isinstance(items, dict) else items
+        await self.engine.load_weight_bucket(items)
+        return sum(t.numel() * t.element_size() for _, t in items)
+
+    async def finish_weight_update(self, version: int) -> int:
+        await self.engine.finish_weight_update(version)
+        self._serving = True
+        return self.engine.version
+
+    def serve_base_weights(self) -> None:
+        """Serve the base model after a restart: the current policy is version 0, which it already holds."""
+        if self.engine.version != 0:
+            raise ValueError(f"serve_base_weights: the engine holds version {self.engine.version}, not the base model")
+        self._serving = True
 
     def version(self) -> int:
         return self.engine.version
 
     def health(self) -> dict:
-        return {**self.engine.health(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        return {**self.engine.health(), "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+                "version": self.engine.version, "serving": self._serving}
 
     async def pause(self, mode: str = "wait") -> None:
         await self.engine.pause(PauseMode(mode))
@@ -103,15 +163,22 @@ def engine_actor_options(cfg: EngineConfig) -> dict[str, Any]:
     it) from `mosaic_ray.resources.actor_options`, plus a high max_concurrency."""
     from mosaic_ray.resources import actor_options
 
-    return {**actor_options("engine", MosaicConfig(engine=cfg)), "max_concurrency": MAX_CONCURRENCY}
+    # restarts in place keep the handle every router holds; a call in flight at a crash fails (the router
+    # retries it elsewhere) rather than re-running on the restarted engine's base weights
+    return {**actor_options("engine", MosaicConfig(engine=cfg)), "max_concurrency": MAX_CONCURRENCY,
+            "max_restarts": cfg.max_restarts, "max_task_retries": 0}
 
 
 def start_engine_actors(cfg: EngineConfig, model_path: str | None, *, dtype: str = "float32",
-                        num_engines: int | None = None, wait: bool = True) -> list:
-    """Start `num_engines` (default `cfg.num_engines`) engine actors; with `wait`, return once all serve."""
+                        num_engines: int | None = None, wait: bool = True, placement_group: Any = None) -> list:
+    """Start `num_engines` (default `cfg.num_engines`) engine actors; with `wait`, return once all serve.
+    With `placement_group` (`mosaic_ray.resources.reserve`), engine i sits in its bundle i."""
+    from mosaic_ray.resources import in_bundle
+
     options = engine_actor_options(cfg)
-    handles = [EngineActor.options(**options).remote(cfg, model_path, dtype)
-               for _ in range(cfg.num_engines if num_engines is None else num_engines)]
+    handles = [EngineActor.options(**options, **(in_bundle(placement_group, i) if placement_group else {}))
+               .remote(cfg, model_path, dtype)
+               for i in range(cfg.num_engines if num_engines is None else num_engines)]
     if wait:
         ray.get([h.ping.remote() for h in handles])
     return handles

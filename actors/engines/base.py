@@ -29,6 +29,8 @@ if TYPE_CHECKING:  # torch is heavy; only the HF/vLLM backends import it at run 
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 WeightsLike = Mapping[str, "torch.Tensor"] | Iterable[tuple[str, "torch.Tensor"]]
+WeightMeta = Sequence[tuple[str, Sequence[int], str]]
+"""`(HF name, shape, dtype name)` of each tensor of a bucketed update (`mosaic_ray.weight_transfer.Meta`)."""
 
 __all__ = [
     "Completion",
@@ -38,6 +40,7 @@ __all__ = [
     "PauseMode",
     "SamplingParams",
     "StaleWeightsError",
+    "WeightMeta",
     "WeightsLike",
     "check_version",
     "validate_request",
@@ -159,6 +162,26 @@ class Engine(ABC):
         import asyncio
 
         await asyncio.to_thread(self.update_weights, weights, version)
+
+    # Bucketed updates (what the driver's weight sync uses): begin → load every bucket → finish. `begin` drains (no
+    # new rows are admitted, running ones finish on the old weights); nothing is sampled until `finish`, so no
+    # completion ever comes from a half-loaded version. A `begin` with a newer version may supersede an update
+    # that never finished (its sender died), and a `begin` of the same version restarts it (a push retried after
+    # another engine died mid-way sends every bucket again): the engine stays held until some version is loaded
+    # whole.
+
+    async def begin_weight_update(self, version: int, meta: WeightMeta | None = None) -> None:
+        """Drain and hold generation for an update to `version`. `meta` (`[(name, shape, dtype)]` of every tensor
+        to come) is checked against the model first: ValueError on unknown names or shapes, nothing held."""
+        raise NotImplementedError(f"{type(self).__name__} does not support bucketed weight updates")
+
+    async def load_weight_bucket(self, weights: WeightsLike) -> None:
+        """Load one bucket of the update begun by `begin_weight_update` (checked before any tensor is copied)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support bucketed weight updates")
+
+    async def finish_weight_update(self, version: int) -> None:
+        """Make `version` current and resume generation on it."""
+        raise NotImplementedError(f"{type(self).__name__} does not support bucketed weight updates")
 
     @property
     @abstractmethod

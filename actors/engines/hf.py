@@ -25,8 +25,10 @@ reassociation in batched matmuls (~1e-6).
 Weight versions (drain, then load): the worker holds the model lock for a whole run, from the first admission
 until the batch is empty. `update_weights` first stops admission, lets the running rows finish on the old
 weights, then loads; admission resumes on the new weights. So no completion mixes versions, and each is
-stamped with the version it was admitted under. `pause(WAIT)` drains the same way; `pause(ABORT)` cuts the
-running rows at their next token.
+stamped with the version it was admitted under. A bucketed update (`begin_weight_update` → `load_weight_bucket`
+per bucket, in place → `finish_weight_update`) holds admission from begin to finish, so no row is admitted on a
+half-loaded model and the only extra memory is the bucket in hand. `pause(WAIT)` drains the same way;
+`pause(ABORT)` cuts the running rows at their next token.
 
 Merging caches needs plain full-attention `DynamicLayer`s. For models whose cache has sliding-window or
 linear-attention layers the engine admits no one into a running batch: newcomers wait for it to end (plain
@@ -54,6 +56,8 @@ from .base import (
     FinishReason,
     GenerationRequest,
     PauseMode,
+    StaleWeightsError,
+    WeightMeta,
     WeightsLike,
     check_version,
     validate_request,
@@ -214,6 +218,7 @@ class HFEngine(Engine):
         self._paused = False
         self._closed = False
         self._updates_waiting = 0
+        self._staged: int | None = None  # the version a bucketed update is loading (admission held meanwhile)
         self._abort = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
         self._running_rows = 0
@@ -371,42 +376,98 @@ class HFEngine(Engine):
 
     def update_weights(self, weights: WeightsLike, version: int) -> None:
         """Drain, then load (see the module docstring): blocks until the running rows finished."""
-        import torch
-
         check_version(self._version, version)
         items = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
-        targets = dict(self.model.named_parameters(remove_duplicate=False))
-        targets.update(self.model.named_buffers(remove_duplicate=False))
-        errors = []
-        for name, tensor in items:
-            if name not in targets:
-                errors.append(f"{name}: no such parameter")
-            elif tuple(tensor.shape) != tuple(targets[name].shape):
-                errors.append(f"{name}: shape {tuple(tensor.shape)} != model's {tuple(targets[name].shape)}")
-        if errors:
-            raise ValueError(f"update_weights(version={version}): {len(errors)} bad tensor(s), nothing loaded: "
-                             + "; ".join(errors[:5]))
+        self._check_shapes([(n, t.shape) for n, t in items], f"update_weights(version={version})")
         with self._cv:  # stop admission so the running batch drains and the worker lets go of the model
             self._updates_waiting += 1
             self._cv.notify_all()
         try:
-            with self._model_lock, torch.no_grad():
+            with self._model_lock:
                 check_version(self._version, version)  # another update may have won the lock meanwhile
-                for name, tensor in items:
-                    dst = targets[name]
-                    dst.copy_(torch.as_tensor(tensor).to(device=dst.device, dtype=dst.dtype))
+                if self._staged is not None:
+                    raise RuntimeError(f"update_weights(version={version}): a bucketed update to version "
+                                       f"{self._staged} is in progress")
+                self._copy(items)
                 self._version = version
         finally:
             with self._cv:
                 self._updates_waiting -= 1
                 self._cv.notify_all()
 
+    async def begin_weight_update(self, version: int, meta: WeightMeta | None = None) -> None:
+        check_version(self._version, version)
+        if meta is not None:
+            self._check_shapes([(n, shape) for n, shape, _ in meta], f"begin_weight_update(version={version})")
+        with self._cv:
+            if self._staged is not None and version < self._staged:  # the same version: a retried push restarts it
+                raise StaleWeightsError(f"begin_weight_update: version {version} is older than the update to "
+                                        f"version {self._staged} in progress")
+            if self._staged is None:   # admission stops (and stays stopped until finish)
+                self._updates_waiting += 1
+            self._staged = version
+            self._cv.notify_all()
+        await asyncio.to_thread(self._drain)
+
+    def _drain(self) -> None:
+        with self._model_lock:   # taken once the running batch has finished on the old weights
+            pass
+
+    async def load_weight_bucket(self, weights: WeightsLike) -> None:
+        if self._staged is None:
+            raise RuntimeError("load_weight_bucket: no update in progress (call begin_weight_update first)")
+        items = list(weights.items()) if isinstance(weights, Mapping) else list(weights)
+        self._check_shapes([(n, t.shape) for n, t in items], f"load_weight_bucket(version={self._staged})")
+        await asyncio.to_thread(self._locked_copy, items)
+
+    async def finish_weight_update(self, version: int) -> None:
+        with self._cv:
+            if self._staged != version:
+                raise RuntimeError(f"finish_weight_update({version}): the update in progress is to version "
+                                   f"{self._staged}")
+            self._version = version   # nothing runs: admission has been stopped since begin
+            self._staged = None
+            self._updates_waiting -= 1
+            self._start_worker_locked()
+            self._cv.notify_all()
+
+    def _targets(self) -> dict[str, Any]:
+        targets = dict(self.model.named_parameters(remove_duplicate=False))
+        targets.update(self.model.named_buffers(remove_duplicate=False))
+        return targets
+
+    def _check_shapes(self, named_shapes: Sequence[tuple[str, Any]], where: str) -> None:
+        """ValueError naming up to five unknown names or wrong shapes; nothing has been loaded then."""
+        targets = self._targets()
+        errors = []
+        for name, shape in named_shapes:
+            if name not in targets:
+                errors.append(f"{name}: no such parameter")
+            elif tuple(shape) != tuple(targets[name].shape):
+                errors.append(f"{name}: shape {tuple(shape)} != model's {tuple(targets[name].shape)}")
+        if errors:
+            raise ValueError(f"{where}: {len(errors)} bad tensor(s), nothing loaded: " + "; ".join(errors[:5]))
+
+    def _locked_copy(self, items: list[tuple[str, Any]]) -> None:
+        with self._model_lock:
+            self._copy(items)
+
+    def _copy(self, items: list[tuple[str, Any]]) -> None:
+        import torch
+
+        targets = self._targets()
+        with torch.no_grad():
+            for name, tensor in items:
+                dst = targets[name]
+                dst.copy_(torch.as_tensor(tensor).to(device=dst.device, dtype=dst.dtype))
+
     @property
     def version(self) -> int:
         return self._version
 
     def health(self) -> dict:
-        return {"ok": not self._closed, "kind": "hf", "version": self._version, "device": self.device,
+        return {"ok": not self._closed, "kind": "hf", "version": self._version, "loading": self._staged,
+                "device": self.device,
                 "dtype": self.dtype, "continuous": self.continuous, "pending": len(self._queue),
                 "running": self._running_rows, "paused": self._paused, **self._stats}
 

@@ -18,6 +18,10 @@ Weight updates (plain HF names either way; vLLM's `load_weights` maps and shards
   untyped RPC arguments without their tensor type, so tensors reach the engine core as raw buffers ("cannot
   pickle memoryview objects"); shipping a closure instead would need VLLM_ALLOW_INSECURE_SERIALIZATION (pickle
   on the engine's sockets). Bytes travel as bytes, and safetensors never unpickles.
+- **bucketed path** (what the driver's weight sync uses, either strategy): `begin_weight_update` pauses (waits
+  for running requests, clears the prefix cache), each `load_weight_bucket` ships one bucket-sized safetensors
+  blob that every worker loads with the model's `load_weights`, `finish_weight_update` resumes on the new version.
+  Not run here (no GPU; the CPU build cannot `load_weights` after init).
 - **NCCL path** (vLLM's native RL weight sync): `init_weight_transfer(...)` once (the trainer opens the same
   NCCL group as rank 0, e.g. through `NCCLTrainerWeightTransferEngine.trainer_init`), then per update
   `receive_weights(names, dtype_names, shapes, version)` while the trainer broadcasts (`send_weights`).
@@ -36,7 +40,17 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .base import Completion, Engine, GenerationRequest, PauseMode, WeightsLike, check_version, validate_request
+from .base import (
+    Completion,
+    Engine,
+    GenerationRequest,
+    PauseMode,
+    StaleWeightsError,
+    WeightMeta,
+    WeightsLike,
+    check_version,
+    validate_request,
+)
 
 __all__ = ["VLLMEngine", "WeightReloadExtension", "import_vllm"]
 
@@ -71,12 +85,18 @@ def _pack_weights(weights: WeightsLike) -> bytes:
 
 class WeightReloadExtension:
     """Mixed into every vLLM worker (`worker_extension_cls`): decode a safetensors blob and reload in place.
-    Its only attribute is the RPC method (vLLM refuses extension attributes that clash with the worker's)."""
+    Its only attributes are the RPC methods (vLLM refuses extension attributes that clash with the worker's)."""
 
     def mosaic_reload_weights(self, blob: bytes) -> None:
         from safetensors.torch import load
 
         self.reload_weights(weights_iterator=iter(load(bytes(blob)).items()))
+
+    def mosaic_load_bucket(self, blob: bytes) -> None:
+        """One bucket of a bucketed update: the model's own `load_weights` maps HF names (and TP shards) in place."""
+        from safetensors.torch import load
+
+        self.model_runner.model.load_weights(weights=iter(load(bytes(blob)).items()))
 
 
 class VLLMEngine(Engine):
@@ -111,6 +131,7 @@ class VLLMEngine(Engine):
         self._running = 0
         self._sleeping = False
         self._update_lock = asyncio.Lock()
+        self._staged: int | None = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------------------------ data plane
@@ -182,6 +203,32 @@ class VLLMEngine(Engine):
                 self._version = version
             finally:
                 await self.llm.resume_generation()
+
+    async def begin_weight_update(self, version: int, meta: WeightMeta | None = None) -> None:
+        """Bucketed path (the driver's weight sync): wait for running requests, drop the prefix cache, hold."""
+        self._event_loop = asyncio.get_running_loop()
+        check_version(self._version, version)
+        if self._staged is not None and version < self._staged:  # the same version: a retried push restarts it
+            raise StaleWeightsError(f"begin_weight_update: version {version} is older than the update to "
+                                    f"version {self._staged} in progress")
+        if self._staged is None:
+            await self.llm.pause_generation(mode="wait", clear_cache=True)
+        self._staged = version
+
+    async def load_weight_bucket(self, weights: WeightsLike) -> None:
+        """One bucket to every worker as a bucket-sized safetensors blob, loaded with the model's `load_weights`
+        (GPU builds; the CPU build replaces parameters after init, see the module docstring)."""
+        if self._staged is None:
+            raise RuntimeError("load_weight_bucket: no update in progress (call begin_weight_update first)")
+        await self.llm.collective_rpc("mosaic_load_bucket", args=(_pack_weights(weights),))
+
+    async def finish_weight_update(self, version: int) -> None:
+        if self._staged != version:
+            raise RuntimeError(f"finish_weight_update({version}): the update in progress is to version "
+                               f"{self._staged}")
+        self._version = version
+        self._staged = None
+        await self.llm.resume_generation()
 
     async def init_weight_transfer(self, master_address: str, master_port: int, world_size: int,
                                    rank_offset: int = 1, packed: bool = True) -> None:

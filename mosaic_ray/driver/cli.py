@@ -13,21 +13,25 @@ import sys
 import time
 from typing import Any
 
-from mosaic_ray.config import MosaicConfig, load_config
+from mosaic_ray.config import ConfigError, MosaicConfig, load_config
+from mosaic_ray.errors import UserError
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
               "TOKENIZERS_PARALLELISM": "false"}
 
 
 def init_ray(cfg: MosaicConfig) -> None:
-    """Connect to `ray.address` / RAY_ADDRESS, or start a local Ray with single-threaded workers."""
-    import ray
+    """Connect to `ray.address` / RAY_ADDRESS, or start a local Ray with single-threaded workers.
 
-    from mosaic_ray.driver.train import _aws_env
+    The job's runtime env carries only WORKER_ENV, never credentials: Ray logs a runtime env and shows it in the
+    dashboard. S3 credentials come from each node's own environment or instance role (s3fs/botocore's chain); a
+    local Ray started here inherits the driver's environment.
+    """
+    import ray
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": {**WORKER_ENV, **_aws_env()}}
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if cfg.ray.auth_mode:
         os.environ.setdefault("RAY_AUTH_MODE", cfg.ray.auth_mode)
@@ -43,19 +47,18 @@ def _train_cmd(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     from mosaic_ray.driver.train import Trainer
     from mosaic_ray.hygiene import set_torch_threads
-    from mosaic_ray.storage import RunStorage
 
     set_torch_threads(1)
     if args.resume:
         run_dir = args.resume
-        import yaml
-
-        from mosaic_ray.config import from_dict
-
-        cfg = from_dict(yaml.safe_load(RunStorage(run_dir).get_text("config.yaml")))
+        cfg = resumed_config(run_dir, args)
     else:
-        cfg = load_config(args.config, args.set)
+        cfg = load_config(args.config or "tiny-cpu", args.set)
         run_dir = args.run_dir or cfg.run_dir or os.path.join("runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if _run_has(run_dir, "state.json"):
+            raise UserError(f"--run-dir {run_dir}: already holds a run; continue it with --resume {run_dir} or "
+                            f"choose another --run-dir")
+    check_inputs(cfg)
     init_ray(cfg)
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume), progress=False if args.quiet else None)
     try:
@@ -65,6 +68,50 @@ def _train_cmd(args: argparse.Namespace) -> int:
         return 130
     print_summary(report, run_dir)
     return 0
+
+
+def resumed_config(run_dir: str, args: argparse.Namespace) -> MosaicConfig:
+    """The saved config of the run in `run_dir`. A resume continues that run as it was configured: --config,
+    --set and --run-dir are refused rather than silently ignored (start a new run to change the config)."""
+    import yaml
+
+    from mosaic_ray.config import from_dict
+    from mosaic_ray.storage import RunStorage
+
+    given = [flag for flag, used in (("--config", args.config is not None), ("--set", bool(args.set)),
+                                     ("--run-dir", args.run_dir is not None)) if used]
+    if given:
+        raise UserError(f"--resume {run_dir}: continues the run with its saved config.yaml; {', '.join(given)} "
+                        f"cannot change it (start a new run with --run-dir to change the config)")
+    if "://" not in run_dir and not os.path.isdir(run_dir):
+        raise UserError(f"--resume {run_dir}: no such directory")
+    for name in ("state.json", "config.yaml"):
+        if not _run_has(run_dir, name):
+            raise UserError(f"--resume {run_dir}: no {name} (not a run directory, or the run never reached its "
+                            f"first checkpoint)")
+    storage = RunStorage(run_dir)
+    try:
+        return from_dict(yaml.safe_load(storage.get_text("config.yaml")))
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ConfigError(f"{storage.url('config.yaml')}: {e}") from None
+
+
+def _run_has(run_dir: str, name: str) -> bool:
+    """Whether the run directory holds `name` (a local directory is not created by asking)."""
+    if "://" not in run_dir:
+        return os.path.isfile(os.path.join(run_dir, name))
+    from mosaic_ray.storage import RunStorage
+
+    return RunStorage(run_dir).exists(name)
+
+
+def check_inputs(cfg: MosaicConfig) -> None:
+    """Read what the run reads from the user before any work starts: a task file (`scenarios.source`) fails
+    here, naming its row and field, not after Ray is up and the model is built."""
+    from mosaic_ray.driver.train import scenario_splits
+
+    if cfg.scenarios.source != "builtin":
+        scenario_splits(cfg)
 
 
 def print_summary(report: dict[str, Any], run_dir: str) -> None:
@@ -85,10 +132,11 @@ def print_summary(report: dict[str, Any], run_dir: str) -> None:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="run the MOSAIC training loop (default: the embedded tiny-cpu run)")
-    p.add_argument("--config", default="tiny-cpu", help="preset name or YAML path (default tiny-cpu)")
+    p.add_argument("--config", default=None, help="preset name or YAML path (default tiny-cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted config key")
     p.add_argument("--run-dir", default=None, help="local path or s3://bucket/prefix (default runs/NAME-TIME)")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint, with its saved config (no --config/--set)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train_cmd)
 
@@ -99,7 +147,7 @@ def register(subparsers: Any) -> None:
 def model_runner(path: str):
     """Runner for `mosaic-ray eval --policy model:DIR|s3://...`: HF engine actors + the rollout fleet, greedy."""
     if not path:
-        raise ValueError("policy model:DIR: give a model directory or s3:// URI, e.g. model:runs/x/checkpoints/iter-00009")
+        raise UserError("policy model:DIR: give a model directory or s3:// URI, e.g. model:runs/x/checkpoints/iter-00009")
 
     def run(tasks: list[Any], protocol_cfg: Any) -> list[tuple[Any, Any]]:
         from dataclasses import replace

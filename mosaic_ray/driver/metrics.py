@@ -3,7 +3,9 @@ Prometheus endpoint, and so in the Ray dashboard's Grafana panels).
 
 Every numeric key of an iteration's row becomes a gauge named `mosaic_<key>` with `/` turned into `_`,
 e.g. `rollout/harmful_refusal_rate` → `ray_mosaic_rollout_harmful_refusal_rate`. The same numbers go to
-`metrics.jsonl`; the rollout workers, pair builder and learners export their own counters beside these.
+`metrics.jsonl` (and to the `train.loggers` trackers); the rollout workers and the fleet export their own
+counters and gauges beside these. `clusters/monitoring/` has the Prometheus scrape config and the Grafana
+dashboard over them; `tests/test_monitoring.py` checks every dashboard query against a real Prometheus.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ are already committed is read back, not re-generated: no iteration's data is use
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -21,11 +20,20 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from mosaic_ray.config import MosaicConfig, to_yaml
+from mosaic_ray.config import ConfigError, MosaicConfig, to_yaml
 from mosaic_ray.driver import report as reports
 from mosaic_ray.storage import RunStorage
 
 log = logging.getLogger("mosaic_ray.train")
+PAIRS_CALL_ATTEMPTS = 5
+"""Tries of one pair-builder call across its restarts (Ray restarts it `max_restarts` times)."""
+RESEND_ROUNDS = 3
+"""Re-sends of an iteration's uncommitted groups before the run stops with an error."""
+LEARNER_REFORMS = 2
+"""Times one iteration's learner step is retried on a re-formed learner group."""
+
+UPDATE_PROGRESS_KEYS = ("learner/loss", "learner/pg_loss", "learner/kl_ref", "learner/clipfrac")
+"""Learner metrics shown on the update's progress line, when the algorithm reports them."""
 
 
 @dataclass
@@ -108,24 +116,36 @@ class Trainer:
         import ray
         from transformers import AutoTokenizer
 
-        from mosaic_ray.actors.engines.actor import start_engine_actors
+        from mosaic_ray.actors.engines.actor import engine_actor_options, start_engine_actors
+        from mosaic_ray.actors.engines.supervisor import EngineSupervisor
         from mosaic_ray.actors.fleet import RolloutFleet
         from mosaic_ray.actors.pair_builder import remote_pair_builder
         from mosaic_ray.driver.metrics import DriverMetrics
+        from mosaic_ray.driver.trackers import open_trackers
+        from mosaic_ray.driver.weight_sync import make_weight_sync
         from mosaic_ray.evaluation import spread_over_categories
         from mosaic_ray.learners.group import LearnerGroup
+        from mosaic_ray.resources import reserve
 
         cfg = self.cfg
+        self.trackers = open_trackers(cfg, self.storage, self.state.run_id, resume=self.resume,
+                                      history=[r for r in self.state.rows if r["iteration"] >= 0])
         self.model_dir = resolve_model_dir(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.train_tasks, test = scenario_splits(cfg)
         self.eval_tasks = spread_over_categories(test, cfg.train.eval_size) if cfg.train.eval_size else test
         self.learner = LearnerGroup(self.model_dir, cfg.learner)
-        self.engines = start_engine_actors(cfg.engine, self.model_dir, dtype=cfg.model.dtype)
+        self.engine_pg = reserve("engine", engine_actor_options(cfg.engine), cfg.engine.num_engines,
+                                 strategy=cfg.engine.placement_strategy, timeout_s=cfg.engine.placement_timeout_s)
+        self.engines = start_engine_actors(cfg.engine, self.model_dir, dtype=cfg.model.dtype,
+                                           placement_group=self.engine_pg)
+        self.weight_sync = make_weight_sync(cfg.learner, self.learner)
+        # health checks, hung engines killed, restarted ones reloaded; every weight push goes through it
+        self.engine_supervisor = EngineSupervisor(self.engines, cfg.engine, self.weight_sync.push)
         self.fleet = RolloutFleet(cfg, model_dir=self.model_dir, engine_handles=self.engines,
                                   run_id=self.state.run_id)
         self.pairs = remote_pair_builder(self.storage.uri, cfg.rollout.group_size, cfg.judge,
-                                         num_cpus=cfg.judge.num_cpus, runtime_env={"env_vars": _aws_env()})
+                                         num_cpus=cfg.judge.num_cpus)
         self.metrics = DriverMetrics(self.state.run_id)
         log.info("setup done: model %s, %d train / %d eval tasks, ray %s", self.model_dir, len(self.train_tasks),
                  len(self.eval_tasks), ray.get_runtime_context().get_node_id()[:8])
@@ -166,18 +186,33 @@ class Trainer:
         self.storage.put_json(f"eval/{tag}.json", report)
         return report
 
+    def eval_suites(self, tag: str) -> None:
+        """`train.eval_suites` (external benchmarks) on the current policy's engines, into eval_suites/<tag>/."""
+        if not self.cfg.train.eval_suites:
+            return
+        import tempfile
+        from pathlib import Path
+
+        from mosaic_ray.benchmarks.harness import EngineAgent
+        from mosaic_ray.evaluation import run_eval_suites
+
+        agent = EngineAgent(self.cfg, self.model_dir, self.engine_supervisor.engines, self.tokenizer)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = tmp if self.storage.is_s3 else self.storage.path("eval_suites", tag)
+            run_eval_suites(self.cfg.train.eval_suites, agent, out, label=f"model:{self.state.run_id}@{tag}")
+            for f in Path(tmp).iterdir() if self.storage.is_s3 else ():
+                self.storage.put_bytes(f"eval_suites/{tag}/{f.name}", f.read_bytes())
+
     def rollout(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> None:
         """Generate G samples per task of this iteration and stream them into the pair builder."""
-        import ray
-
         cfg = self.cfg
-        done = set(ray.get(self.pairs.committed_groups.remote()))
+        done = set(self.pairs_call("committed_groups", m=m))
         todo = [t for t in tasks if group_id(self.state.run_id, iteration, t.task_id) not in done]
         n = 0
         with timed(m, "rollout"), self.bar(f"iteration {iteration}: rollouts", len(todo) * cfg.rollout.group_size) as advance:
             for batch in self.fleet.stream(todo, group_size=cfg.rollout.group_size, iteration=iteration,
                                            policy_version=self.state.policy_version):
-                ray.get(self.pairs.add.remote(batch))
+                self.pairs_call("add", batch, m=m)
                 n += batch.num_rows
                 advance(f"{n} episodes", batch.num_rows)
         m["rollout/episodes"] = float(n)
@@ -186,15 +221,13 @@ class Trainer:
 
     def judge(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> tuple[Any, Any]:
         """Commit this iteration's groups (pairs + rewards) and read back only the shards holding them."""
-        import ray
-
         groups = {group_id(self.state.run_id, iteration, t.task_id) for t in tasks}
 
         def ours(shard: Any) -> bool:
             return not groups.isdisjoint(shard.meta.get("groups", ()))
 
         with timed(m, "judge"):
-            stats = ray.get(self.pairs.flush.remote())
+            stats = self.commit_every_group(iteration, tasks, m)
             traj = self.storage.read_dataset("trajectories", shards=ours)
             rewards = self.storage.read_dataset("rewards", shards=ours)
         it = traj.filter(pc_equal(traj, "iteration", iteration))
@@ -203,7 +236,46 @@ class Trainer:
         m["pairs/per_s"] = float(stats.get("pairs_per_s", 0.0))
         return it, rw
 
-    def update(self, traj: Any, rewards: Any, m: dict[str, float]) -> None:
+    def pairs_call(self, method: str, *args: Any, m: dict[str, float]) -> Any:
+        """Call the pair builder. A call lost to its crash (RayActorError) is sent again to the restarted
+        process; what the crash lost from its buffer `commit_every_group` finds and re-sends."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for attempt in range(PAIRS_CALL_ATTEMPTS):
+            try:
+                return ray.get(getattr(self.pairs, method).remote(*args))
+            except RayActorError as exc:
+                m["faults/pair_builder_calls_lost"] = m.get("faults/pair_builder_calls_lost", 0.0) + 1
+                if attempt + 1 == PAIRS_CALL_ATTEMPTS:
+                    raise RuntimeError(f"pair builder: {method} failed {PAIRS_CALL_ATTEMPTS} times (the actor is "
+                                       f"gone, restarts exhausted?): {exc}") from exc
+                log.warning("pair builder died during %s; retrying on its restarted process", method)
+                time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
+
+    def commit_every_group(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> dict[str, Any]:
+        """Flush the pair builder and check that every group of the iteration is committed; re-generate and
+        re-send the groups a pair-builder crash lost (same trajectory ids, so nothing lands twice)."""
+        by_group = {group_id(self.state.run_id, iteration, t.task_id): t for t in tasks}
+        for attempt in range(RESEND_ROUNDS + 1):
+            stats = self.pairs_call("flush", m=m)
+            missing = sorted(set(by_group) - set(self.pairs_call("committed_groups", m=m)))
+            if not missing:
+                return stats
+            if attempt == RESEND_ROUNDS:
+                break
+            log.warning("iteration %d: %d group(s) not committed (pair builder restarted?); re-sending them",
+                        iteration, len(missing))
+            m["faults/groups_resent"] = m.get("faults/groups_resent", 0.0) + len(missing)
+            for batch in self.fleet.stream([by_group[g] for g in missing], group_size=self.cfg.rollout.group_size,
+                                           iteration=iteration, policy_version=self.state.policy_version):
+                self.pairs_call("add", batch, m=m)
+        raise RuntimeError(f"iteration {iteration}: {len(missing)} group(s) still not committed after "
+                           f"{RESEND_ROUNDS} re-sends (first: {missing[0]}); the pair builder keeps failing")
+
+    def update(self, traj: Any, rewards: Any, m: dict[str, float]) -> bool:
+        """The learner update (and helpfulness replay) of one iteration; whether the weights changed."""
         from mosaic_ray.algorithms.batch import samples_and_stats
         from mosaic_ray.schema import TrajectoryRecord, from_arrow
 
@@ -216,13 +288,18 @@ class Trainer:
         samples, stats = samples_and_stats(traj, rewards)
         m["update/samples"] = float(len(samples))
         m["update/groups_without_signal"] = float(stats.zero_variance_groups)
-        with timed(m, "update"):
+        replay = self.cfg.warmstart.replay_coef > 0
+        title = f"iteration {int(m['iteration'])}: learner update ({len(samples)} samples)"
+        with timed(m, "update"), self.bar(title, 1 + replay) as advance:
             if samples:
                 out = self.learner.update(samples, algorithm=self.cfg.learner.algorithm)
                 m.update({k if "/" in k else f"learner/{k}": float(v) for k, v in out.items()
                           if isinstance(v, (int, float))})
-            if self.cfg.warmstart.replay_coef > 0:
+            advance(", ".join(f"{k.split('/')[1]} {m[k]:.4f}" for k in UPDATE_PROGRESS_KEYS if k in m))
+            if replay:
                 m.update(self.replay(int(m["iteration"])))
+                advance(f"replay nll {m['replay/nll']:.3f}")
+        return bool(samples) or replay
 
     def replay(self, iteration: int) -> dict[str, float]:
         """One SFT step on benign demonstrations (see `WarmStartConfig.replay_coef`); seeded by iteration, so a
@@ -239,13 +316,10 @@ class Trainer:
         return {"replay/nll": float(out["learner/nll"]), "replay/samples": float(len(batch))}
 
     def sync(self, m: dict[str, float]) -> None:
-        """Push the new weights to every engine with the next version (object-store path)."""
-        import ray
-
+        """Push the new weights to every engine with the next version (`learner.weight_sync`, in buckets)."""
         with timed(m, "weight_sync"):
             version = self.state.policy_version + 1
-            ref = self.learner.weights_ref()
-            ray.get([e.update_weights.remote(ref, version) for e in self.engines])
+            m.update(self.engine_supervisor.push(version))
             self.state.policy_version = version
         m["policy_version"] = float(version)
 
@@ -267,20 +341,44 @@ class Trainer:
         return m, traj, rewards
 
     def learn(self, m: dict[str, float], traj: Any, rewards: Any) -> dict[str, float]:
-        """Update + weight sync: the learner half."""
-        self.update(traj, rewards, m)
-        self.sync(m)
-        return m
+        """Update + weight sync: the learner half. The policy version advances only when the weights changed.
+
+        A learner rank lost during the step: the group is re-formed from the checkpoint taken right before this
+        iteration and the step runs again; without such a checkpoint the run stops with the error."""
+        from mosaic_ray.learners.group import LearnerFailure
+
+        for attempt in range(LEARNER_REFORMS + 1):
+            try:
+                with self.engine_supervisor.weights_changing():  # no engine reload between update and sync
+                    if self.update(traj, rewards, m):
+                        self.sync(m)
+                    else:
+                        m["policy_version"] = float(self.state.policy_version)
+                return m
+            except LearnerFailure as exc:
+                self.reform_learner(int(m["iteration"]), exc, last=attempt == LEARNER_REFORMS)
+                m["faults/learner_reforms"] = m.get("faults/learner_reforms", 0.0) + 1
+        raise AssertionError("unreachable")
+
+    def reform_learner(self, iteration: int, exc: Exception, *, last: bool) -> None:
+        """Re-form the learner group from the checkpoint of iteration - 1, or raise a clear error."""
+        st = self.state
+        if last or st.checkpoint is None or st.checkpoint_iteration != iteration - 1:
+            raise RuntimeError(f"iteration {iteration}: {exc}; the last checkpoint is iteration "
+                               f"{st.checkpoint_iteration} ({st.checkpoint}), so the step cannot be retried here: "
+                               f"continue with `mosaic-ray train --resume {self.storage.uri}`") from exc
+        log.warning("iteration %d: %s; re-forming the learner group from %s and retrying the step", iteration, exc,
+                    st.checkpoint)
+        self.learner.reform(self.storage.url(st.checkpoint))
 
     def finish_iteration(self, it: int, row: dict[str, float], t0: float) -> None:
         row["time/iteration_s"] = round(time.perf_counter() - t0, 3)
         self.state.rows.append(row)
         self.metrics.record(row)
-        self.write_metrics()
+        self.trackers.log_metrics(row)
         if (it + 1) % self.cfg.train.checkpoint_every == 0 or it + 1 == self.cfg.train.iterations:
             self.checkpoint(it)
             self.save_state(it)
-        self.log_row(row)
 
     def run(self) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
@@ -294,12 +392,14 @@ class Trainer:
                     st.rows.append({"iteration": -1, **self.warm_start()})
                     self.sync_version(1)
                 st.before = self.evaluate("before")
+                self.eval_suites("before")
                 self.print_eval("before (warm start)", st.before)
                 self.checkpoint(-1)
                 self.save_state(-1)
             schedule = AsyncSchedule if cfg.train.mode == "async" else SyncSchedule
             schedule(self).run(st.next_iteration, cfg.train.iterations)
             after = self.evaluate("after")
+            self.eval_suites("after")
             self.print_eval("after", after)
             return self.write_report(after)
         except KeyboardInterrupt:
@@ -313,12 +413,9 @@ class Trainer:
     def sync_version(self, version: int) -> None:
         """Load the learner's current weights into the engines as `version` (start or resume). Version 0 is the
         model the engines started from, so there is nothing to send."""
-        import ray
-
         if version == 0:
             return
-        ref = self.learner.weights_ref()
-        ray.get([e.update_weights.remote(ref, version) for e in self.engines])
+        self.engine_supervisor.push(version)
         self.state.policy_version = version
 
     def save_state(self, iteration: int) -> None:
@@ -330,10 +427,6 @@ class Trainer:
         snapshot["rows"] = [r for r in st.rows if r["iteration"] <= iteration]
         self.storage.put_json("state.json", snapshot)
 
-    def write_metrics(self) -> None:
-        self.storage.put_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.rows
-                                                       if r["iteration"] >= 0))
-
     def write_report(self, after: dict[str, Any] | None) -> dict[str, Any]:
         rows = [r for r in self.state.rows if r["iteration"] >= 0]
         wall = time.time() - self.t_start + (self.state.wall_time_s if self.resume else 0.0)
@@ -341,18 +434,24 @@ class Trainer:
                                    wall_time_s=wall, extra={"run_id": self.state.run_id,
                                                             "policy_version": self.state.policy_version,
                                                             "complete": after is not None})
-        self.storage.put_text("report.json", reports.dumps(rep))
-        self.storage.put_text("report.md", reports.report_markdown(rep))
+        files = {"report.json": reports.dumps(rep).encode(), "report.md": reports.report_markdown(rep).encode()}
         if rows:
-            self.storage.put_bytes("curves.png", reports.curves_png(rows))
+            files["curves.png"] = reports.curves_png(rows)
         if rep["before"] and rep["after"]:
-            self.storage.put_bytes("before_after.png", reports.before_after_png(rep))
+            files["before_after.png"] = reports.before_after_png(rep)
+        for name, data in files.items():
+            self.storage.put_bytes(name, data)
+        self.trackers.log_artifacts(files)
         return rep
 
     def shutdown(self) -> None:
-        """End every actor this run started (a shared cluster keeps no leftovers)."""
+        """End every actor this run started (a shared cluster keeps no leftovers), and the trackers' runs."""
         import ray
 
+        if getattr(self, "trackers", None) is not None:
+            self.trackers.close()
+        if getattr(self, "engine_supervisor", None) is not None:
+            self.engine_supervisor.stop()
         for name in ("fleet", "learner"):
             obj = getattr(self, name, None)
             if obj is not None:
@@ -360,6 +459,10 @@ class Trainer:
         for handle in [*getattr(self, "engines", []), getattr(self, "pairs", None)]:
             if handle is not None:
                 ray.kill(handle, no_restart=True)
+        if getattr(self, "engine_pg", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.engine_pg)
 
     # -------------------------------------------------------------------------------------------- display
 
@@ -383,12 +486,6 @@ class Trainer:
     def print_eval(self, title: str, report: dict[str, Any]) -> None:
         h = reports.headline(report)
         log.info("eval %s: %s", title, ", ".join(f"{k}={v:.3f}" for k, v in h.items()))
-
-    def log_row(self, row: dict[str, float]) -> None:
-        keys = ("rollout/harmful_refusal_rate", "rollout/injection_success_rate", "rollout/benign_success_rate",
-                "rollout/over_refusal_rate", "reward/mean", "learner/loss", "learner/approx_kl", "time/iteration_s")
-        log.info("iteration %d: %s", int(row["iteration"]),
-                 ", ".join(f"{k.split('/')[-1]}={row[k]:.3f}" for k in keys if k in row and row[k] is not None))
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -476,7 +573,7 @@ def scenario_splits(cfg: MosaicConfig) -> tuple[list[Any], list[Any]]:
     train = [t for t in tasks if t.split == "train"][: sc.train_size]
     test = [t for t in tasks if t.split == "test"][: sc.test_size]
     if not train or not test:
-        raise ValueError(f"scenarios.source={sc.source}: needs tasks of both splits (train: {len(train)}, "
+        raise ConfigError(f"scenarios.source={sc.source}: needs tasks of both splits (train: {len(train)}, "
                          f"test: {len(test)}) after the domain/category filters")
     return train, test
 
@@ -497,10 +594,3 @@ def resolve_model_dir(cfg: MosaicConfig) -> str:
         fs.get(path.rstrip("/") + "/", local, recursive=True)
         return local
     return cfg.model.path
-
-
-def _aws_env() -> dict[str, str]:
-    """S3 settings the driver has, passed on to actors (values are never logged)."""
-    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL",
-            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_EC2_METADATA_DISABLED")
-    return {k: os.environ[k] for k in keys if k in os.environ}

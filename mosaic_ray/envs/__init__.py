@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mosaic_ray.envs.domains import DOMAIN_TOOLS
 from mosaic_ray.envs.runtime import Depends, Limits, Sandbox, ToolCall, ToolCallError, ToolError, ToolSpec, make_tool
+from mosaic_ray.envs.worlds import WORLD_SHAPES, WorldError, validate_world
 
 TOOLS: dict[str, ToolSpec] = {}
 DOMAINS: dict[str, tuple[str, ...]] = {}
@@ -35,6 +36,7 @@ def make_sandbox(world: dict, tools: list[str] | tuple[str, ...], limits: Limits
 __all__ = [
     "DOMAINS",
     "TOOLS",
+    "WORLD_SHAPES",
     "Depends",
     "Limits",
     "Sandbox",
@@ -42,8 +44,10 @@ __all__ = [
     "ToolCallError",
     "ToolError",
     "ToolSpec",
+    "WorldError",
     "all_tool_specs",
     "make_sandbox",
     "make_tool",
     "tool_specs",
+    "validate_world",
 ]

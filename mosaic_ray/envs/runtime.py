@@ -12,15 +12,20 @@ exceptions, for ground-truth replay in tests where any error is a bug in the sce
 
 No tool touches the host: tools only read and write the world dict passed in. The sandbox adds the limits:
 argument size, observation size (truncated with a marker) and per-call time (a call over budget is rolled back
-and reported, since pure-Python tools cannot be interrupted safely mid-way).
+and reported). The time limit is enforced while the call runs: the tool runs in its own thread on a copy of
+the world, and at the limit the episode gets the error at once, the copy is dropped and the thread is asked
+to stop (an exception raised into it at its next bytecode; a call stuck inside C code ends on its own).
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import inspect
 import json
+import math
 import re
+import threading
 import time
 import typing
 from collections.abc import Callable, Mapping
@@ -57,6 +62,8 @@ class ToolCall:
 
 
 _JSON_TYPES: dict[Any, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
+MAX_INT = 2**63 - 1
+"""Largest integer argument a tool accepts (a model's 401-digit number is a validation error, not a crash)."""
 
 
 @dataclass(frozen=True)
@@ -142,21 +149,35 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT:
             return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_INT:
             return int(value)
-        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        if isinstance(value, str) and re.fullmatch(r"-?\d{1,18}", value.strip()):
             return int(value)
     elif tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value.strip().lstrip("$"))
+                number = float(value)
+            except OverflowError:  # an integer past float range (a 401-digit amount)
+                number = None
+        elif isinstance(value, str) and len(value) <= 64:
+            try:
+                number = float(value.strip().lstrip("$"))
             except ValueError:
-                pass
-    raise ToolCallError(f"ValidationError: argument {name!r} must be {_JSON_TYPES[tp]}, got {value!r}")
+                number = None
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None or isinstance(value, (int, float)):
+            raise ToolCallError(f"ValidationError: argument {name!r} must be a finite number, got {_short(value)}")
+    raise ToolCallError(f"ValidationError: argument {name!r} must be {_JSON_TYPES[tp]}, got {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    """repr of an argument, cut (a 401-digit number or a long string stays readable in the observation)."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else "a huge integer"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -193,7 +214,10 @@ class Sandbox:
             args = {}
         if not isinstance(args, dict):
             raise ToolCallError(f"ValidationError: arguments of {name} must be an object, got {type(args).__name__}")
-        size = len(json.dumps(args, default=str))
+        try:
+            size = len(json.dumps(args, default=str))
+        except ValueError:  # an integer too long to print (Python's int-to-str limit)
+            size = self.limits.max_argument_chars + 1
         if size > self.limits.max_argument_chars:
             raise ToolCallError(f"ValidationError: arguments of {name} are {size} chars "
                                 f"(limit {self.limits.max_argument_chars})")
@@ -209,19 +233,48 @@ class Sandbox:
             if key not in self.world:
                 raise ToolCallError(f"ToolError: {name} is not available in this environment")
             kwargs[param] = self.world[key]
-        snapshot = copy.deepcopy(self.world)
-        start = time.perf_counter()
-        try:
-            result = spec.fn(**kwargs)
-        except ToolError as e:
-            raise ToolCallError(f"ToolError: {e}") from None
-        elapsed = time.perf_counter() - start
-        if elapsed > self.limits.timeout_s:
-            self.world = snapshot
-            raise ToolCallError(f"ToolError: {name} took {elapsed:.1f}s (limit {self.limits.timeout_s}s); "
-                                "its effect was rolled back")
+        # The call works on a copy of the world, committed only when it returns in time: a call over its limit
+        # is abandoned at the limit (not measured after it returns), and whatever it keeps doing touches
+        # nothing the episode sees.
+        work = copy.deepcopy(self.world)
+        for param, key in spec.injected.items():
+            kwargs[param] = work[key]
+        result = _run_with_deadline(spec.fn, kwargs, self.limits.timeout_s, name)
+        self.world = work
         text = str(result)
         cap = self.limits.max_observation_chars
         if len(text) > cap:
             text = text[:cap] + f" …[truncated {len(text) - cap} chars]"
         return text
+
+
+class _ToolTimeout(BaseException):
+    """Raised into a tool thread that ran past its limit (BaseException: a tool's `except Exception` keeps
+    running)."""
+
+
+def _run_with_deadline(fn: Callable[..., Any], kwargs: dict[str, Any], timeout_s: float, name: str) -> Any:
+    """`fn(**kwargs)` in a daemon thread; ToolCallError when it raises ToolError or runs past `timeout_s`."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(**kwargs)
+        except _ToolTimeout:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"tool-{name}", daemon=True)
+    start = time.perf_counter()
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_ToolTimeout))
+        raise ToolCallError(f"ToolError: {name} ran past its limit after {time.perf_counter() - start:.1f}s "
+                            f"(limit {timeout_s}s); its effect was rolled back")
+    if "error" in box:
+        if isinstance(box["error"], ToolError):
+            raise ToolCallError(f"ToolError: {box['error']}") from None
+        raise box["error"]
+    return box["result"]

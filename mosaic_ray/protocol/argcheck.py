@@ -3,11 +3,13 @@
 A deliberately small subset of JSON Schema — the part tool schemas use: `type` (one or a list), `enum`,
 `items`, nested `properties` / `required`, `additionalProperties: false` and `anyOf`. Whatever else a schema
 says is not the policy's fault and is ignored here; the sandbox validates again when it runs the tool.
-Integral floats count as integers (JSON Schema semantics: 1.0 is an integer). Booleans are never numbers.
+Integral floats count as integers (JSON Schema semantics: 1.0 is an integer). Booleans are never numbers, and
+neither are `NaN`, `Infinity` or integers past float range.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,10 +21,21 @@ def _is_int(v: Any) -> bool:
     return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
 
 
+def _is_finite_number(v: Any) -> bool:
+    """JSON numbers only: Python's `json` also reads `NaN` / `Infinity`, and an integer past float range
+    (a 401-digit amount) cannot become a float; both are the model's mistake, never a value to act on."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 _TYPE_CHECKS = {
     "string": lambda v: isinstance(v, str),
     "integer": _is_int,
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "number": _is_finite_number,
     "boolean": lambda v: isinstance(v, bool),
     "array": lambda v: isinstance(v, list),
     "object": lambda v: isinstance(v, dict),
@@ -47,6 +60,11 @@ def json_type(v: Any) -> str:
     return "object" if isinstance(v, dict) else type(v).__name__
 
 
+def _number_text(v: float) -> str:
+    # bit_length, not str(): str() of a huge int is itself limited (and slow)
+    return f"an integer of about {int(v.bit_length() * math.log10(2)) + 1} digits" if isinstance(v, int) else repr(v)
+
+
 def check_value(v: Any, schema: Any, depth: int = 0) -> str | None:
     """Why `v` does not match `schema` ("must be integer, got string"), or None when it does."""
     if not isinstance(schema, Mapping) or depth > MAX_DEPTH:
@@ -60,6 +78,8 @@ def check_value(v: Any, schema: Any, depth: int = 0) -> str | None:
     names = [want] if isinstance(want, str) else [t for t in want if isinstance(t, str)] if isinstance(want, list) else []
     known = [t for t in names if t in _TYPE_CHECKS]
     if known and not any(_TYPE_CHECKS[t](v) for t in known):
+        if "number" in known and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return f"must be a finite number, got {_number_text(v)}"
         return f"must be {' or '.join(known)}, got {json_type(v)}"
     enum = schema.get("enum")
     if isinstance(enum, list) and v not in enum:
