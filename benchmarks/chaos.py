@@ -145,6 +145,10 @@ def plan_faults(seed: int, iterations: int) -> list[Fault]:
     return [Fault(kind, its[kind], round(rng.uniform(0.5, 4.0), 2)) for kind in FAULT_KINDS]
 
 
+LAST_EPISODES = 2
+"""A fault fires before its delay when no more than this many episodes of its iteration are still in flight."""
+
+
 class FaultInjector(threading.Thread):
     """Fires `faults` at a live `Trainer` (its actors' processes) and waits for each recovery."""
 
@@ -183,12 +187,19 @@ class FaultInjector(threading.Thread):
             it = self._iteration()
             if it >= 0:
                 started.setdefault(it, time.monotonic())
-            if it > fault.iteration:  # its iteration ended without episodes in flight after the delay
-                fault.evidence = "not injected: its iteration ended before it could fire"
-                return it < self.t.cfg.train.iterations
+            if it > fault.iteration:  # its iteration ended before the fault could fire
+                if it >= self.t.cfg.train.iterations - 1:  # the last iteration stays fault-free
+                    fault.evidence = f"not injected: iteration {fault.iteration} ended before it could fire"
+                    return False
+                # Fire in the iteration now running as soon as episodes are in flight, never at an arbitrary
+                # moment such as a checkpoint save.
+                fault.iteration, fault.delay_s = it, 0.0
+                continue
             fleet = getattr(self.t, "fleet", None)
-            busy = fleet is not None and fleet.stats()["in_flight"] > 0
-            if it == fault.iteration and busy and time.monotonic() - started[it] >= fault.delay_s:
+            in_flight = fleet.stats()["in_flight"] if fleet is not None else 0
+            # fire after the seeded delay, or at once when the iteration's last episodes are in flight
+            due = time.monotonic() - started.get(it, time.monotonic()) >= fault.delay_s or in_flight <= LAST_EPISODES
+            if it == fault.iteration and in_flight > 0 and due:
                 return True
             time.sleep(0.05)
         return False

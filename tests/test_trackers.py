@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -202,7 +203,9 @@ def test_resume_appends_to_the_same_runs_and_a_failure_marks_them(tmp_path):
     client, runs = mlflow_runs(run)
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "reward/mean")] == [0, 1]
-    ids = {p.split("-")[-1] for p in glob.glob(str(run / "wandb" / "offline-run-*"))}
+    # offline-run-<YYYYMMDD_HHMMSS>-<run id>[-N]: W&B adds -N when two sessions of a run start in the same second
+    ids = {re.match(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)", Path(p).name).group(1)
+           for p in glob.glob(str(run / "wandb" / "offline-run-*"))}
     assert len(ids) == 1, ids  # both W&B sessions write the same run id (`wandb sync` merges them)
     exits = [r.exit.exit_code for r in wandb_records(run) if r.WhichOneof("record_type") == "exit"]
     assert sorted(exits) == [0, 1]
