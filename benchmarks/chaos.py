@@ -91,17 +91,20 @@ class LocalCluster:
         return self
 
     def pids(self) -> list[int]:
-        """Every process whose command line names this cluster's temp dir (GCS, raylets, workers, agents)."""
+        """Every process whose command line names this cluster's temp dir (GCS, raylets, workers, agents), and
+        its Ray client server (which names only its own port)."""
         mine = self.temp_dir.encode()
+        client_server = f"--port={self.port_base + 7}".encode()
         out = []
         for entry in os.listdir("/proc"):
             if entry.isdigit() and int(entry) != os.getpid():
                 try:
                     with open(f"/proc/{entry}/cmdline", "rb") as f:
-                        if mine in f.read():
-                            out.append(int(entry))
+                        cmdline = f.read()
                 except OSError:
                     continue
+                if mine in cmdline or (b"ray.util.client.server" in cmdline and client_server + b"\0" in cmdline):
+                    out.append(int(entry))
         return out
 
     def stop(self) -> None:
