@@ -53,6 +53,25 @@ def _model_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_base(args: argparse.Namespace) -> int:
+    import time
+
+    from mosaic_ray.models.base import BaseRecipe, build_release
+
+    recipe = BaseRecipe()
+    t0 = time.perf_counter()
+
+    def progress(step: int, loss: float, elapsed: float) -> None:
+        if step % 100 == 0 or step == recipe.steps - 1:
+            print(f"step {step + 1}/{recipe.steps}: loss {loss:.3f} ({elapsed:.0f} s)", flush=True)
+
+    out = build_release(args.out, recipe, on_step=progress)
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"base model ({manifest['params']:,} parameters) written to {out} in {time.perf_counter() - t0:.0f} s; "
+          f"model.safetensors sha256 {manifest['files']['model.safetensors']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mosaic-ray", description="MOSAIC on Ray: train agents that know when "
                                      "to act and when to refuse.")
@@ -79,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a model.tiny key, e.g. --set hidden_size=256")
     init.set_defaults(func=_model_init)
+    base = model_sub.add_parser("build-base", help="rebuild the shipped base model (`builtin:tiny-base`) and its "
+                                "manifest, bit for bit (about 50 minutes on one CPU core)")
+    base.add_argument("--out", required=True, help="new or empty output directory")
+    base.set_defaults(func=_build_base)
 
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)

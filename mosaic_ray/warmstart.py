@@ -73,8 +73,9 @@ def demo_samples(demos: Sequence[dict[str, Any]], tokenizer, *, max_tokens: int 
 
 
 def warmstart_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train", seed: int = 0,
-                      max_tokens: int | None = None) -> list[PolicySample]:
-    """`cfg.num_demos` demonstrations of `split` tasks by the mistake-making scripted policy, tokenized."""
+                      max_tokens: int | None = None, domains: Sequence[str] = ()) -> list[PolicySample]:
+    """`cfg.num_demos` demonstrations of `split` tasks (of `domains`; empty = all) by the mistake-making scripted
+    policy, tokenized."""
     from mosaic_ray.policies.scripted import ScriptedPolicy, demonstrations
     from mosaic_ray.scenarios import load_tasks
 
@@ -82,20 +83,20 @@ def warmstart_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train", 
                             follow_injection_rate=cfg.follow_injection_rate,
                             refuse_benign_rate=cfg.refuse_benign_rate, leak_privacy_rate=cfg.leak_privacy_rate,
                             safety_check_rate=cfg.safety_check_rate, seed=seed)
-    tasks = load_tasks(split, size=cfg.num_demos, seed=seed)
+    tasks = load_tasks(split, size=cfg.num_demos, seed=seed, domains=tuple(domains))
     return demo_samples(demonstrations(tasks, policy), tokenizer, max_tokens=max_tokens, copy_weight=cfg.copy_weight,
                         decision_weight=cfg.decision_weight)
 
 
 def first_turn_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train", seed: int = 0,
-                       max_tokens: int | None = None) -> list[PolicySample]:
+                       max_tokens: int | None = None, domains: Sequence[str] = ()) -> list[PolicySample]:
     """`cfg.num_demos` mistake-free demonstrations cut after their first assistant turn, tokenized, with the
     decision token weighted by `cfg.first_turn_decision_weight`: the first-turn curriculum
     (`WarmStartConfig.first_turn_steps`)."""
     from mosaic_ray.policies.scripted import ScriptedPolicy, demonstrations
     from mosaic_ray.scenarios import load_tasks
 
-    demos = demonstrations(load_tasks(split, size=cfg.num_demos, seed=seed),
+    demos = demonstrations(load_tasks(split, size=cfg.num_demos, seed=seed, domains=tuple(domains)),
                            ScriptedPolicy(safety_check_rate=cfg.safety_check_rate, seed=seed))
     for d in demos:
         first = next(i for i, m in enumerate(d["messages"]) if m["role"] == "assistant")

@@ -34,7 +34,11 @@ def test_safe_oracle(reports):
     assert r["injection_success_rate"] == 0.0 and r["privacy_leak_rate"] == 0.0 and r["over_refusal_rate"] == 0.0
     for cat in ("injection", "privacy"):
         assert r["per_category"][cat]["benign_success_rate"] == 1.0
-    assert r["format_error_rate"] == 0.0 and 0.3 < r["safety_check_rate"] < 0.7
+    assert r["format_error_rate"] == 0.0
+    # the demonstrator checks where it matters: about half the risky turns, never a plain request's turn
+    assert 0.3 < r["per_category"]["harmful"]["safety_check_rate"] < 0.7
+    assert r["per_category"]["benign"]["safety_check_rate"] == 0.0 and r["safety_check_rate_benign"] == 0.0
+    assert r["safety_gating_ratio"] is None and r["safety_check_rate_risky"] > 0.2
 
 
 def test_naive_and_over_refuse(reports):
@@ -211,3 +215,13 @@ def test_train_eval_suites_validated_at_load():
         load_config("tiny-cpu", ["train.eval_suites=[agentharms]"])
     with pytest.raises(ConfigError, match="train.eval_suites.*only external suites"):
         load_config("tiny-cpu", ["train.eval_suites=[internal]"])
+
+
+def test_the_demonstrator_checks_after_the_injected_output_and_not_before():
+    from mosaic_ray.policies.scripted import risky_turns
+
+    task = next(t for t in load_tasks("train", size=200) if t.category == "injection")
+    read = next(k for k, c in enumerate(task.grading["naive"]) if c == task.grading["injected"])
+    assert read >= 1 and risky_turns(task, 4) == set(range(read, 4))
+    plan = ScriptedPolicy(safety_check_rate=1.0).plan(task)
+    assert [turn[1] is not None for turn in plan] == [k >= read for k in range(len(plan))]

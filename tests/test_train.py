@@ -12,6 +12,7 @@ import pytest
 
 from mosaic_ray.config import load_config
 from mosaic_ray.driver.train import Trainer
+from mosaic_ray.scenarios import load_tasks
 from mosaic_ray.storage import RunStorage
 
 # Small enough for CI on 2 cores; still every stage: warm start, evaluation, 3 iterations, checkpoints, report.
@@ -134,10 +135,41 @@ def test_training_tasks_can_come_from_a_task_file(tmp_path):
 
     path = tmp_path / "tasks.jsonl"
     write_tasks(load_tasks("train", size=12) + load_tasks("test", size=8), path)
-    train, test = scenario_splits(load_config("smoke", [f"scenarios.source={path}", "scenarios.categories=[harmful]"]))
+    train, evals = scenario_splits(load_config("smoke", [f"scenarios.source={path}", "scenarios.categories=[harmful]",
+                                                          "train.eval_splits=[templates]"]))
+    test = evals["templates"]
     assert train and test and {t.category for t in train + test} == {"harmful"}
     assert {t.split for t in train} == {"train"} and {t.split for t in test} == {"test"}
     only_train = tmp_path / "train.jsonl"
     write_tasks(load_tasks("train", size=4), only_train)
     with pytest.raises(ValueError, match="needs tasks of both splits"):
         scenario_splits(load_config("smoke", [f"scenarios.source={only_train}"]))
+
+
+def test_heldout_domains_never_reach_training_and_form_their_own_split():
+    from mosaic_ray.driver.train import scenario_splits
+
+    cfg = load_config("smoke", ["scenarios.heldout_domains=[calendar,social]",
+                                "train.eval_splits=[templates,domains]", "train.eval_size=0"])
+    train, evals = scenario_splits(cfg)
+    held = {"calendar", "social"}
+    assert train and not {t.domain for t in train} & held
+    assert not {t.domain for t in evals["templates"]} & held
+    assert {t.domain for t in evals["domains"]} == held
+    assert {t.split for t in evals["domains"]} == {"test"}
+    with pytest.raises(ValueError, match="train.eval_splits: 'domains' evaluates scenarios.heldout_domains"):
+        load_config("smoke", ["train.eval_splits=[templates,domains]", "scenarios.heldout_domains=[]"])
+    with pytest.raises(ValueError, match="scenarios.heldout_domains: unknown domain 'moon'"):
+        load_config("smoke", ["scenarios.heldout_domains=[moon]"])
+
+
+def test_warm_start_demonstrations_stay_in_the_training_domains(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from mosaic_ray.config import WarmStartConfig
+    from mosaic_ray.warmstart import warmstart_samples
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    samples = warmstart_samples(WarmStartConfig(num_demos=40), tok, domains=("bank", "email"))
+    domain = {t.task_id: t.domain for t in load_tasks("train", size=400)}
+    assert samples and {domain[s.traj_id] for s in samples} == {"bank", "email"}

@@ -47,7 +47,8 @@ class RunState:
     """Relative path of the last checkpoint in the run dir."""
     checkpoint_iteration: int = -1
     wall_time_s: float = 0.0
-    before: dict[str, Any] | None = None
+    before: dict[str, dict[str, Any]] | None = None
+    """The warm start's evaluation, per split (`train.eval_splits`)."""
     rows: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -123,7 +124,6 @@ class Trainer:
         from mosaic_ray.driver.metrics import DriverMetrics
         from mosaic_ray.driver.trackers import open_trackers
         from mosaic_ray.driver.weight_sync import make_weight_sync
-        from mosaic_ray.evaluation import spread_over_categories
         from mosaic_ray.learners.group import LearnerGroup
         from mosaic_ray.resources import reserve
 
@@ -132,8 +132,7 @@ class Trainer:
                                       history=[r for r in self.state.rows if r["iteration"] >= 0])
         self.model_dir = resolve_model_dir(cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.train_tasks, test = scenario_splits(cfg)
-        self.eval_tasks = spread_over_categories(test, cfg.train.eval_size) if cfg.train.eval_size else test
+        self.train_tasks, self.eval_sets = scenario_splits(cfg)
         self.learner = LearnerGroup(self.model_dir, cfg.learner)
         self.engine_pg = reserve("engine", engine_actor_options(cfg.engine), cfg.engine.num_engines,
                                  strategy=cfg.engine.placement_strategy, timeout_s=cfg.engine.placement_timeout_s)
@@ -147,8 +146,9 @@ class Trainer:
         self.pairs = remote_pair_builder(self.storage.uri, cfg.rollout.group_size, cfg.judge,
                                          num_cpus=cfg.judge.num_cpus)
         self.metrics = DriverMetrics(self.state.run_id)
-        log.info("setup done: model %s, %d train / %d eval tasks, ray %s", self.model_dir, len(self.train_tasks),
-                 len(self.eval_tasks), ray.get_runtime_context().get_node_id()[:8])
+        log.info("setup done: model %s, %d train tasks, eval %s, ray %s", self.model_dir, len(self.train_tasks),
+                 ", ".join(f"{k} {len(v)}" for k, v in self.eval_sets.items()),
+                 ray.get_runtime_context().get_node_id()[:8])
 
     # ---------------------------------------------------------------------------------------------- phases
 
@@ -158,6 +158,7 @@ class Trainer:
 
         ws = self.cfg.warmstart
         seed, max_tokens = self.cfg.train.seed, self.cfg.protocol.max_episode_tokens
+        domains = training_domains(self.cfg)
 
         def sft(title: str, samples: list[Any], cfg: Any) -> list[dict]:
             with self.bar(title, cfg.steps) as advance:
@@ -165,26 +166,32 @@ class Trainer:
                                      on_step=lambda step, m: advance(f"loss {m.get('loss', float('nan')):.3f}"))
 
         if ws.first_turn_steps:
-            sft("warm start: first turns (SFT)", first_turn_samples(ws, self.tokenizer, seed=seed, max_tokens=max_tokens),
+            sft("warm start: first turns (SFT)", first_turn_samples(ws, self.tokenizer, seed=seed, max_tokens=max_tokens,
+                                                                   domains=domains),
                 replace(ws, steps=ws.first_turn_steps))
-        samples = warmstart_samples(ws, self.tokenizer, seed=seed, max_tokens=max_tokens)
+        samples = warmstart_samples(ws, self.tokenizer, seed=seed, max_tokens=max_tokens, domains=domains)
         history = sft("warm start (SFT)", samples, ws)
         self.learner.reset_reference()
         losses = [h.get("loss", float("nan")) for h in history]
         return {"sft/steps": float(len(losses)), "sft/demos": float(len(samples)),
                 "sft/loss_first": losses[0], "sft/loss_last": losses[-1]}
 
-    def evaluate(self, tag: str) -> dict[str, Any]:
-        """Held-out evaluation of the current policy through the same fleet (greedy by default)."""
+    def evaluate(self, tag: str) -> dict[str, dict[str, Any]]:
+        """Held-out evaluation of the current policy on every split, through the same fleet in one pass (greedy
+        by default): {split: summary}, also written to `eval/<tag>.json` (templates) and `eval/<tag>-<split>.json`."""
         from mosaic_ray.evaluation import summarize
 
-        records = list(self.fleet.evaluate(self.eval_tasks, temperature=self.cfg.train.eval_temperature,
+        tasks = [t for split in self.eval_sets.values() for t in split]
+        records = list(self.fleet.evaluate(tasks, temperature=self.cfg.train.eval_temperature,
                                            policy_version=self.state.policy_version, tag=tag))
-        by_id = {t.task_id: t for t in self.eval_tasks}
-        report = summarize([(by_id[r.task_id], r.outcome) for r in records])
-        report.update({"policy_version": self.state.policy_version, "tag": tag})
-        self.storage.put_json(f"eval/{tag}.json", report)
-        return report
+        outcomes = {r.task_id: r.outcome for r in records}
+        reports_by_split = {}
+        for split, split_tasks in self.eval_sets.items():
+            report = summarize([(t, outcomes[t.task_id]) for t in split_tasks])
+            report.update({"policy_version": self.state.policy_version, "tag": tag, "split": split})
+            self.storage.put_json(f"eval/{tag}.json" if split == "templates" else f"eval/{tag}-{split}.json", report)
+            reports_by_split[split] = report
+        return reports_by_split
 
     def eval_suites(self, tag: str) -> None:
         """`train.eval_suites` (external benchmarks) on the current policy's engines, into eval_suites/<tag>/."""
@@ -427,13 +434,16 @@ class Trainer:
         snapshot["rows"] = [r for r in st.rows if r["iteration"] <= iteration]
         self.storage.put_json("state.json", snapshot)
 
-    def write_report(self, after: dict[str, Any] | None) -> dict[str, Any]:
+    def write_report(self, after: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
         rows = [r for r in self.state.rows if r["iteration"] >= 0]
         wall = time.time() - self.t_start + (self.state.wall_time_s if self.resume else 0.0)
-        rep = reports.build_report(config_name=self.cfg.name, before=self.state.before, after=after, rows=rows,
-                                   wall_time_s=wall, extra={"run_id": self.state.run_id,
+        before, after = self.state.before or {}, after or {}
+        splits = {k: {"before": before.get(k), "after": after.get(k)} for k in self.eval_sets if k != "templates"}
+        rep = reports.build_report(config_name=self.cfg.name, before=before.get("templates"),
+                                   after=after.get("templates"), rows=rows, wall_time_s=wall, splits=splits,
+                                   extra={"run_id": self.state.run_id,
                                                             "policy_version": self.state.policy_version,
-                                                            "complete": after is not None})
+                                                            "complete": bool(after)})
         files = {"report.json": reports.dumps(rep).encode(), "report.md": reports.report_markdown(rep).encode()}
         if rows:
             files["curves.png"] = reports.curves_png(rows)
@@ -483,9 +493,10 @@ class Trainer:
             task = prog.add_task(title, total=total)
             yield lambda desc="", n=1: prog.update(task, advance=n, description=f"{title} {desc}")
 
-    def print_eval(self, title: str, report: dict[str, Any]) -> None:
-        h = reports.headline(report)
-        log.info("eval %s: %s", title, ", ".join(f"{k}={v:.3f}" for k, v in h.items()))
+    def print_eval(self, title: str, by_split: dict[str, dict[str, Any]]) -> None:
+        for split, report in by_split.items():
+            h = reports.headline(report)
+            log.info("eval %s, %s: %s", title, split, ", ".join(f"{k}={v:.3f}" for k, v in h.items()))
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -557,29 +568,60 @@ def pc_isin(table: Any, column: str, values: Any) -> Any:
     return pc.is_in(table.column(column), value_set=values.combine_chunks())
 
 
-def scenario_splits(cfg: MosaicConfig) -> tuple[list[Any], list[Any]]:
-    """(train, test) tasks: the built-in suites, or a Parquet / JSONL task file split by its `split` column."""
-    from mosaic_ray.scenarios import load_tasks, read_tasks
+def training_domains(cfg: MosaicConfig) -> tuple[str, ...]:
+    """The domains training may draw from: `scenarios.domains` (or all) minus `scenarios.heldout_domains`."""
+    from mosaic_ray.envs import DOMAINS
 
     sc = cfg.scenarios
+    return tuple(d for d in (sc.domains or DOMAINS) if d not in sc.heldout_domains)
+
+
+def scenario_splits(cfg: MosaicConfig) -> tuple[list[Any], dict[str, list[Any]]]:
+    """(train tasks, {evaluation split: tasks}): the built-in suites, or a Parquet / JSONL task file split by its
+    `split` column. Training and the `templates` split use the training domains; `domains` is the test tasks of
+    the held-out domains; `phrasing` the hand-written held-out phrasing set (`train.eval_splits`)."""
+    from mosaic_ray.evaluation import spread_over_categories
+    from mosaic_ray.scenarios import load_phrasing_tasks, load_tasks, read_tasks
+
+    sc, splits = cfg.scenarios, cfg.train.eval_splits
+    train_domains = training_domains(cfg)
     if sc.source == "builtin":
-        return (load_tasks("train", size=sc.train_size, seed=sc.seed, domains=sc.domains, categories=sc.categories),
-                load_tasks("test", size=sc.test_size, seed=sc.seed, domains=sc.domains, categories=sc.categories))
+        train = load_tasks("train", size=sc.train_size, seed=sc.seed, domains=train_domains,
+                           categories=sc.categories)
+        evals = {"templates": load_tasks("test", size=sc.test_size, seed=sc.seed, domains=train_domains,
+                                         categories=sc.categories)}
+        if "domains" in splits:
+            evals["domains"] = load_tasks("test", size=sc.test_size, seed=sc.seed, domains=sc.heldout_domains,
+                                          categories=sc.categories)
+    else:
+        def keep(t: Any, domains: tuple[str, ...]) -> bool:
+            return t.domain in domains and (not sc.categories or t.category in sc.categories)
 
-    def keep(t: Any) -> bool:
-        return (not sc.domains or t.domain in sc.domains) and (not sc.categories or t.category in sc.categories)
-
-    tasks = [t for t in read_tasks(sc.source) if keep(t)]
-    train = [t for t in tasks if t.split == "train"][: sc.train_size]
-    test = [t for t in tasks if t.split == "test"][: sc.test_size]
-    if not train or not test:
-        raise ConfigError(f"scenarios.source={sc.source}: needs tasks of both splits (train: {len(train)}, "
-                         f"test: {len(test)}) after the domain/category filters")
-    return train, test
+        tasks = read_tasks(sc.source)
+        train = [t for t in tasks if t.split == "train" and keep(t, train_domains)][: sc.train_size]
+        evals = {"templates": [t for t in tasks if t.split == "test" and keep(t, train_domains)][: sc.test_size]}
+        if "domains" in splits:
+            evals["domains"] = [t for t in tasks if t.split == "test"
+                                and keep(t, sc.heldout_domains)][: sc.test_size]
+        if not train or not evals["templates"]:
+            raise ConfigError(f"scenarios.source={sc.source}: needs tasks of both splits (train: {len(train)}, "
+                              f"test: {len(evals['templates'])}) after the domain/category filters")
+    if "domains" in evals and not evals["domains"]:
+        raise ConfigError(f"scenarios.heldout_domains={list(sc.heldout_domains)}: no test tasks in those domains")
+    if "phrasing" in splits:
+        evals["phrasing"] = [t for t in load_phrasing_tasks(seed=sc.seed)
+                             if t.domain in train_domains and (not sc.categories or t.category in sc.categories)]
+    size = cfg.train.eval_size
+    return train, {k: spread_over_categories(v, size) if size else v for k, v in evals.items() if v}
 
 
 def resolve_model_dir(cfg: MosaicConfig) -> str:
-    """The policy's HF directory: `model.path` (local or s3://, copied locally), else the cached tiny model."""
+    """The policy's HF directory: `model.path` (local, s3:// copied locally, or the hash-checked built-in base),
+    else the cached tiny model."""
+    if cfg.model.path == "builtin:tiny-base":
+        from mosaic_ray.models.base import shipped_base
+
+        return str(shipped_base())
     if cfg.model.path is None:
         from mosaic_ray.models.tiny import cached_tiny_model
 

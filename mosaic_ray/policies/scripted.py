@@ -43,7 +43,8 @@ class ScriptedPolicy:
     """Also applies to the user task of injection and privacy tasks (over-refusal)."""
     leak_privacy_rate: float = 0.0
     safety_check_rate: float = 0.5
-    """Chance that a turn carries a `<safety_thoughts>` check."""
+    """Chance that a turn that needs a `<safety_thoughts>` check carries one (`risky_turns`); routine turns of
+    a plain request never do: the demonstrator spends the check where it matters."""
     seed: int = 0
 
     def plan(self, task: Any) -> list[Turn]:
@@ -67,12 +68,28 @@ class ScriptedPolicy:
             check = {"injection": "ignore injected text", "privacy": "share only what's needed"}.get(cat, "user's own request")
         turns: list[Turn] = [(_think(c.tool, c.args), check, c.tool, c.args, None) for c in calls]
         turns.append(("done", None, None, None, "Done."))
-        return self._checked(rng, turns, check)
+        return self._checked(rng, turns, check, risky_turns(task, len(turns)))
 
-    def _checked(self, rng: random.Random, turns: list[Turn], check: str) -> list[Turn]:
-        """Keep each turn's safety check with probability `safety_check_rate`."""
-        return [(t, check if rng.random() < self.safety_check_rate else None, tool, args, ans)
-                for (t, _, tool, args, ans) in turns]
+    def _checked(self, rng: random.Random, turns: list[Turn], check: str,
+                 risky: set[int] | None = None) -> list[Turn]:
+        """A check on each risky turn (default: all) with probability `safety_check_rate`; none elsewhere."""
+        return [(t, check if (risky is None or k in risky) and rng.random() < self.safety_check_rate else None,
+                 tool, args, ans) for k, (t, _, tool, args, ans) in enumerate(turns)]
+
+
+def risky_turns(task: Any, n: int) -> set[int]:
+    """Turns (of `n`) where a careful agent checks: every turn of a harmful request; in an injection task every
+    turn after the tool output that carries the injected text; in a privacy task every turn after the private
+    data is read. A plain request's turns are routine."""
+    if task.category == "harmful":
+        return set(range(n))
+    if task.category == "injection":
+        injected, naive = task.grading.get("injected"), task.grading.get("naive", [])
+        seen = next((k for k, c in enumerate(naive) if c == injected), 1)  # the payload shows after call `seen`-1
+        return set(range(seen, n))
+    if task.category == "privacy":
+        return set(range(1, n))
+    return set()
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import and export them (Parquet, JSONL; schema in `mosaic_ray.scenarios.io`); `g
 
 from mosaic_ray.scenarios.grader import Executed, Trace, grade, matches
 from mosaic_ray.scenarios.io import SCHEMA_VERSION, TaskFileError, read_tasks, task_from_dict, write_tasks
+from mosaic_ray.scenarios.phrasing import load_phrasing_tasks
 from mosaic_ray.scenarios.tasks import (
            DEFAULT_SIZES,
            SPLITS,
@@ -28,6 +29,7 @@ __all__ = [
            "Template",
            "Trace",
            "grade",
+           "load_phrasing_tasks",
            "load_tasks",
            "make_task",
            "matches",

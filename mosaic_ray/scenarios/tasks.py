@@ -32,6 +32,9 @@ from mosaic_ray.scenarios.privacy import (
 from mosaic_ray.types import CATEGORIES, REFUSE_TOOL
 
 SPLITS = ("train", "test")
+HELDOUT_DOMAINS = ("calendar", "social")
+"""Sandbox domains the shipped base model never saw and the default run never trains on (the held-out-domain
+split; `scenarios.heldout_domains`)."""
 DEFAULT_SIZES = {"train": 2400, "test": 480}
 PREFIXES = ("", "", "Please ", "Hey, ", "Quick task: ", "Can you help? ")
 SUFFIXES = ("", "", " Thanks.", " Thank you.", " Cheers.")
