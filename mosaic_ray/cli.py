@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a model.tiny key, e.g. --set hidden_size=256")
     init.set_defaults(func=_model_init)
     base = model_sub.add_parser("build-base", help="rebuild the shipped base model (`builtin:tiny-base`) and its "
-                                "manifest, bit for bit (about 50 minutes on one CPU core)")
+                                "manifest, bit for bit (about 35 minutes on one CPU core)")
     base.add_argument("--out", required=True, help="new or empty output directory")
     base.set_defaults(func=_build_base)
 

@@ -14,7 +14,7 @@ the build recipe, the torch version and thread count it was built with, the SHA-
 of a reduced build (`REDUCED`: the same recipe for a few steps on a few tasks), which the tests rebuild to show
 that the command below still makes the same bytes. `shipped_base()` checks every hash before a run uses the model.
 
-    mosaic-ray model build-base --out DIR      # the full build and its manifest (about 50 minutes, 1 CPU core)
+    mosaic-ray model build-base --out DIR      # the full build and its manifest (about 35 minutes, 1 CPU core)
 """
 
 from __future__ import annotations
