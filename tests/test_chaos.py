@@ -17,17 +17,28 @@ SMALL = ["model.path=null", "warmstart.steps=6", "warmstart.num_demos=60", "warm
          "scenarios.train_size=100", "scenarios.test_size=40"]
 
 
-@pytest.mark.slow
-def test_chaos_run_survives_every_fault_kind_with_nothing_lost(tmp_path):
-    out = tmp_path / "chaos.json"
+def _chaos_run(tmp_path, attempt: int) -> tuple[dict, subprocess.CompletedProcess]:
+    out = tmp_path / f"chaos-{attempt}.json"
     cmd = [sys.executable, "-m", "mosaic_ray.benchmarks.chaos", "--out", str(out), "--iterations", "3",
-           "--seed", "1", "--hang-s", "30", "--port-base", "33500", *[a for s in SMALL for a in ("--set", s)]]
+           "--seed", "1", "--hang-s", "30", "--port-base", str(33500 + 200 * attempt),
+           *[a for s in SMALL for a in ("--set", s)]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, check=False)
     assert out.is_file(), done.stdout[-2000:] + done.stderr[-3000:]
-    result = json.loads(out.read_text())
-    assert result["run_complete"], result["error"]
-    assert result["check"]["problems"] == [] and result["injector_errors"] == []
-    assert result["lost"] == 0 and result["duplicated"] == 0
+    return json.loads(out.read_text()), done
+
+
+@pytest.mark.slow
+def test_chaos_run_survives_every_fault_kind_with_nothing_lost(tmp_path):
+    # A fault fires only while its iteration has episodes in flight; on a loaded machine one can find its
+    # iterations over and stay un-injected (the run itself still completes, nothing lost). Only that outcome gets
+    # a second run; every other failure fails at once.
+    for attempt in range(2):
+        result, done = _chaos_run(tmp_path, attempt)
+        assert result["run_complete"], result["error"]
+        assert result["check"]["problems"] == [] and result["injector_errors"] == []
+        assert result["lost"] == 0 and result["duplicated"] == 0
+        if all(f["injected_at_s"] is not None for f in result["faults"]):
+            break
     kinds = {f["kind"]: f for f in result["faults"]}
     assert set(kinds) == {"rollout", "engine", "pair", "learner", "hang"}
     assert all(f["injected_at_s"] is not None and f["recovered"] for f in kinds.values()), kinds
