@@ -33,9 +33,10 @@ from typing import Any
 import pyarrow as pa
 
 from mosaic_ray.config import JudgeConfig
-from mosaic_ray.judge import Judge, RubricJudge, judge_groups
+from mosaic_ray.judge import Judge, RubricJudge, TaskBrief, judge_groups
+from mosaic_ray.judge.llm import ChatBackend, HTTPChat, LLMJudge, VerdictCache
 from mosaic_ray.rewards import group_rewards
-from mosaic_ray.schema import PairRecord, RewardRecord, TrajectoryRecord, from_arrow, to_arrow
+from mosaic_ray.schema import PairRecord, RewardRecord, TrajectoryRecord, VerdictRecord, from_arrow, to_arrow
 from mosaic_ray.storage import RunStorage
 
 DATASET_ORDER = ("trajectories", "pairs", "rewards")
@@ -70,8 +71,9 @@ class PairBuilderStats:
     write_s: float = 0.0
     pairs_per_s: float = 0.0
     """pairs_written / (judge_s + write_s)."""
-    judge: dict[str, int] | None = None
-    """The judge's own counters (e.g. unparseable LLM verdicts)."""
+    judge: dict[str, Any] | None = None
+    """The judge's own counters (LLM judge: compares, requests, parse failures, position inconsistencies, ties,
+    cache hits, latency)."""
 
 
 def shard_name(group_ids: Sequence[str], iteration: int) -> str:
@@ -84,24 +86,24 @@ class PairBuilder:
     """Completes groups of `group_size` samples, judges and rewards them, and commits the three datasets."""
 
     def __init__(self, storage_uri: str, group_size: int, judge_cfg: JudgeConfig | None = None, *,
-                 judge: Judge | None = None, groups_per_shard: int = 8,
+                 judge: Judge | None = None, judge_backend: ChatBackend | None = None,
+                 briefs: Mapping[str, TaskBrief] | None = None, groups_per_shard: int = 8,
                  storage_options: Mapping[str, Any] | None = None) -> None:
+        """`judge_cfg.kind: llm` judges with an `LLMJudge` over `judge_backend` (the driver passes a `ServeChat`
+        to its `mosaic-judge` app), or over `judge.endpoint` when no backend is given; it needs `briefs` (task id
+        → the request and tools the agent saw). `judge=` injects a ready judge (tests)."""
         if group_size < 2:
             raise ValueError(f"PairBuilder: group_size must be >= 2 (pairs need two trajectories), got {group_size}")
         if groups_per_shard < 1:
             raise ValueError(f"PairBuilder: groups_per_shard must be >= 1, got {groups_per_shard}")
         self.cfg = judge_cfg or JudgeConfig()
-        if judge is None:
-            if self.cfg.kind != "rubric":
-                raise ValueError(f"judge.kind={self.cfg.kind!r}: pass judge= (an LLMJudge wired to an engine); "
-                                 f"only the rubric judge is built from config alone")
-            judge = RubricJudge(self.cfg.tie_tolerance_tokens)
-        self.judge = judge
         self.group_size = group_size
         self.groups_per_shard = groups_per_shard
         self.storage = RunStorage(storage_uri, storage_options)
+        self.briefs = dict(briefs or {})
+        self.judge = judge if judge is not None else self._build_judge(judge_backend)
         self._pool = (ThreadPoolExecutor(max_workers=self.cfg.num_workers, thread_name_prefix="judge")
-                      if judge.parallel else None)
+                      if self.judge.parallel else None)
         self._stats = PairBuilderStats()
         self._buffer: dict[str, dict[int, TrajectoryRecord]] = {}
         self._ready: list[str] = []
@@ -140,6 +142,19 @@ class PairBuilder:
         while self._ready:
             self._write(self._ready[: self.groups_per_shard])
         return self.stats()
+
+    def _build_judge(self, backend: ChatBackend | None) -> Judge:
+        if self.cfg.kind == "rubric":
+            return RubricJudge(self.cfg.tie_tolerance_tokens)
+        if backend is None:
+            if self.cfg.endpoint is None:
+                raise ValueError("judge.kind: llm needs a judge backend: the run's mosaic-judge Serve app, or "
+                                 "judge.endpoint (an OpenAI-compatible server)")
+            backend = HTTPChat(self.cfg.endpoint, self.cfg.model or "default", api_key_env=self.cfg.api_key_env)
+        self.storage.recover("verdicts")
+        cache = VerdictCache(self.storage.read_dataset("verdicts").to_pylist()
+                             if self.storage.committed_shards("verdicts") else ())
+        return LLMJudge(backend, max_new_tokens=self.cfg.max_new_tokens, cache=cache)
 
     def stats(self) -> dict[str, Any]:
         s = self._stats
@@ -189,6 +204,25 @@ class PairBuilder:
                                f"shards hold no rows of it")
         return out
 
+    def _judge(self, groups: list[list[TrajectoryRecord]]) -> list[list[PairRecord]]:
+        """Judge the groups; an LLM judge gets each task's brief, and its new verdicts are committed to the
+        `verdicts` dataset before any pair is (so a crash after judging costs no second question)."""
+        if not isinstance(self.judge, LLMJudge):
+            return judge_groups(self.judge, groups, self._pool)
+        missing = sorted({g[0].task_id for g in groups} - set(self.briefs))
+        if missing:
+            raise ValueError(f"pair builder: no task brief (request and tools) for task {missing[0]!r}; the LLM "
+                             f"judge cannot compare its trajectories ({len(missing)} task(s) without one)")
+        if groups:
+            self.judge.iteration = min(g[0].iteration for g in groups)
+        out = judge_groups(self.judge, groups, self._pool, self.briefs)
+        rows = self.judge.cache.drain()
+        if rows:
+            name = shard_name([r["key"] for r in rows], self.judge.iteration)
+            self.storage.write_shard("verdicts", name, to_arrow([VerdictRecord(**r) for r in rows], VerdictRecord),
+                                     meta={"verdicts": len(rows)})
+        return out
+
     def _write(self, group_ids: list[str]) -> None:
         groups = {g: [self._buffer[g][i] for i in sorted(self._buffer[g])] for g in sorted(group_ids)}
         self._commit(groups)
@@ -206,7 +240,7 @@ class PairBuilder:
         pairs: dict[str, list[PairRecord]] = self._stored("pairs", [g for g in groups if g in done["pairs"]],
                                                           PairRecord)
         to_judge = [g for g in groups if g not in pairs]
-        pairs.update(zip(to_judge, judge_groups(self.judge, [groups[g] for g in to_judge], self._pool)))
+        pairs.update(zip(to_judge, self._judge([groups[g] for g in to_judge])))
         rewards: dict[str, list[RewardRecord]] = {g: group_rewards(trajs, pairs[g], self.cfg)
                                                   for g, trajs in groups.items()}
         t1 = time.perf_counter()

@@ -177,6 +177,26 @@ class FaultInjector(threading.Thread):
         finally:
             self.done.set()
 
+    def settle(self) -> None:
+        """Block until every fault fired (or gave up) and every recovery was seen or timed out. The run's last
+        iteration waits on it (`hold_last_iteration`), so a fault injected late still has its recovery observed
+        on a live cluster — and the last iteration then proves the system works after it."""
+        self.done.wait(timeout=RECOVERY_TIMEOUT_S)
+        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        for watcher in list(self.watchers):
+            watcher.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def hold_last_iteration(self) -> None:
+        """Make the trainer's last `collect` wait for `settle()` (the last iteration stays fault-free)."""
+        collect, last = self.t.collect, self.t.cfg.train.iterations - 1
+
+        def gated(iteration: int) -> Any:
+            if iteration == last:
+                self.settle()
+            return collect(iteration)
+
+        self.t.collect = gated
+
     def _iteration(self) -> int:
         """The iteration in progress (-1 before the first)."""
         st = self.t.state
@@ -427,6 +447,7 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
         print(f"chaos: cluster of {len(ray.nodes())} nodes at {cluster.address}; run dir {run_dir}", flush=True)
         trainer = Trainer(cfg, str(run_dir / "run"), progress=False)
         injector = FaultInjector(trainer, faults, hang_s=args.hang_s)
+        injector.hold_last_iteration()
         injector.start()
         error = None
         try:

@@ -24,6 +24,8 @@ SUBCOMMAND_MODULES = (
     "mosaic_ray.driver.cli",
     "mosaic_ray.benchmarks.suite_report",
     "mosaic_ray.plan",
+    "mosaic_ray.judge.evaluate",
+    "mosaic_ray.actors.agent_service",
 )
 
 

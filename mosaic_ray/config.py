@@ -194,9 +194,25 @@ class JudgeConfig:
     tie_tolerance_tokens: int = 8
     """Equal-rubric trajectories whose token counts differ by more than this break the tie toward fewer."""
     normalize_advantages: bool = True
-    llm_judge_model: str | None = None
     num_workers: int = 2
-    """Pairs judged in parallel."""
+    """Pairs judged in parallel (an LLM judge's requests in flight at once, both orders of a pair each)."""
+    model: str | None = None
+    """`kind: llm`: the judge model the `mosaic-judge` Serve app loads (a directory, `builtin:tiny-base`, a Hub id);
+    None = the policy's `model.path`. With `endpoint`, the model name sent to that server (None = "default")."""
+    endpoint: str | None = None
+    """`kind: llm`: an OpenAI-compatible server (`http(s)://host:port/v1`) that answers `/chat/completions`; the
+    run then starts no judge service of its own."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the endpoint's API key (read by the pair builder's process; the key
+    itself is never in the config, a log or the run directory)."""
+    max_new_tokens: int = 24
+    """Tokens the LLM judge may generate per verdict."""
+    min_replicas: int = 1
+    """`mosaic-judge` Serve app: fewest replicas (Serve autoscales between min and max on queued requests)."""
+    max_replicas: int = 1
+    replica_num_cpus: float = 0.5
+    """Logical CPUs per judge replica (its HF engine runs `engine.cpu_threads` torch threads)."""
+    replica_num_gpus: float = 0.0
     num_cpus: float = 0.25
     """Logical CPUs reserved by the pair-builder actor."""
 
@@ -471,7 +487,7 @@ def _validate(obj: Any, prefix: str) -> None:
         LearnerConfig: ("lr", "micro_batch_tokens", "epochs_per_iteration", "logprob_chunk_size", "cpu_threads",
                         "sync_bucket_mb"),
         WarmStartConfig: ("batch_size", "replay_batch_size"),
-        JudgeConfig: ("length_budget", "num_workers"),
+        JudgeConfig: ("length_budget", "num_workers", "max_new_tokens", "max_replicas"),
     }.get(type(obj), ())
     for key in positive:
         need(getattr(obj, key) > 0, key, "must be > 0")
@@ -492,6 +508,18 @@ def _validate(obj: Any, prefix: str) -> None:
         need(obj.copy_weight >= 1, "copy_weight", "must be >= 1 (1 = every token weighs the same)")
         need(obj.first_turn_steps >= 0, "first_turn_steps", "must be >= 0 (0 = no first-turn curriculum)")
         need(obj.first_turn_decision_weight >= 1, "first_turn_decision_weight", "must be >= 1")
+    if isinstance(obj, JudgeConfig):
+        need(0 <= obj.min_replicas <= obj.max_replicas, "min_replicas",
+             f"must be between 0 and max_replicas={obj.max_replicas}")
+        need(obj.replica_num_cpus >= 0 and obj.replica_num_gpus >= 0, "replica_num_cpus", "must be >= 0")
+        need(obj.endpoint is None or obj.endpoint.startswith(("http://", "https://")), "endpoint",
+             "must be an http(s) URL ending in /v1 (an OpenAI-compatible server)")
+        need(obj.kind == "llm" or (obj.endpoint is None and obj.model is None), "kind",
+             "judge.model and judge.endpoint configure the LLM judge: set judge.kind: llm, or remove them")
+        need(obj.api_key_env is None or obj.endpoint is not None, "api_key_env",
+             "names the API key of judge.endpoint, which is not set")
+        need(obj.reward_mode == "pairwise" or obj.kind == "rubric", "reward_mode",
+             "'scalar' rewards the rubric grade; an LLM judge only gives pairwise verdicts")
     if isinstance(obj, LearnerConfig):
         need(obj.num_learners >= 0, "num_learners", "must be >= 0 (0 = in-process)")
         need(obj.clip_eps > 0, "clip_eps", "must be > 0")

@@ -92,7 +92,8 @@ class Episode:
                                tool=parsed.tool, arguments_json=None if parsed.arguments is None else json.dumps(
                                    parsed.arguments, ensure_ascii=False, default=str),
                                observation=observation, format_ok=parsed.kind != "format_error",
-                               num_tokens=tokens, safety_tokens=parsed.safety_tokens))
+                               num_tokens=tokens, safety_tokens=parsed.safety_tokens,
+                               answer=parsed.answer if parsed.kind == "answer" else None))
         self.used_tokens += sum(self.count_tokens(r["content"]) for r in replies)
         if not self.done and len(self.steps) >= self.cfg.max_steps:
             self.terminal = "max_steps"

@@ -1,12 +1,13 @@
 """Arrow schemas of the run's datasets, each with a dataclass twin, versioned by `schema_version`.
 
-Three datasets live under a run's storage URI (see `mosaic_ray.storage`):
+The datasets live under a run's storage URI (see `mosaic_ray.storage`):
 
 - `trajectories/`: one `TrajectoryRecord` per episode (tokens, loss mask, behaviour log-probs, steps, grade);
 - `pairs/`: one `PairRecord` per judged pair of a group (the audit trail; replayable offline, e.g. for DPO);
 - `rewards/`: one `RewardRecord` per trajectory (wins, shaping terms, reward, group-normalised advantage).
   Rewards are a third dataset rather than extra rows in `pairs/` so every dataset has one schema and plain
   `pyarrow.dataset` can read each directory without schema unification. Learners join on `traj_id`.
+- `verdicts/` (LLM judge only): one `VerdictRecord` per ordered pair asked, the judge's cache across restarts.
 
 Why dataclass twins: producers and the judge work with typed Python objects, the wire format is Arrow.
 Optional fields are `X | None` and always present (never missing keys). Token ids are `list<int32>`, masks
@@ -31,8 +32,8 @@ import pyarrow as pa
 
 from mosaic_ray.types import CATEGORIES, Outcome, Step
 
-SCHEMA_VERSION = 1
-"""Bump on any incompatible change to a schema below; readers refuse other versions."""
+SCHEMA_VERSION = 2
+"""Bump on any incompatible change to a schema below; readers refuse other versions. 2: `Step.answer`."""
 
 __all__ = [
     "DATASETS",
@@ -40,11 +41,13 @@ __all__ = [
     "REWARD_SCHEMA",
     "SCHEMA_VERSION",
     "TRAJECTORY_SCHEMA",
+    "VERDICT_SCHEMA",
     "PairRecord",
     "RewardRecord",
     "SchemaVersionError",
     "Timings",
     "TrajectoryRecord",
+    "VerdictRecord",
     "conform",
     "example_trajectory",
     "from_arrow",
@@ -177,6 +180,24 @@ class RewardRecord:
     schema_version: int = SCHEMA_VERSION
 
 
+@dataclass
+class VerdictRecord:
+    """One LLM-judge verdict on an ordered pair of trajectories: the cache that keeps a resume from re-asking."""
+
+    key: str
+    """`{judge}|{prompt_version}|{first}|{second}` (what the verdict depends on, nothing else)."""
+    judge: str
+    """`llm:<model>`."""
+    prompt_version: str
+    first: str
+    """Content hash of the trajectory shown as A (its rendering, with the task's request and tools)."""
+    second: str
+    verdict: str
+    """`A`, `B`, `TIE`, or `unparseable` (after the retry)."""
+    iteration: int
+    schema_version: int = SCHEMA_VERSION
+
+
 # ------------------------------------------------------------------------------------------- Arrow types
 
 _SCALARS: dict[Any, pa.DataType] = {str: pa.string(), int: pa.int32(), float: pa.float64(), bool: pa.bool_()}
@@ -230,14 +251,17 @@ def _schema_of(cls: type) -> pa.Schema:
 TRAJECTORY_SCHEMA = _schema_of(TrajectoryRecord)
 PAIR_SCHEMA = _schema_of(PairRecord)
 REWARD_SCHEMA = _schema_of(RewardRecord)
+VERDICT_SCHEMA = _schema_of(VerdictRecord)
 
-DATASETS: dict[str, type] = {"trajectories": TrajectoryRecord, "pairs": PairRecord, "rewards": RewardRecord}
+DATASETS: dict[str, type] = {"trajectories": TrajectoryRecord, "pairs": PairRecord, "rewards": RewardRecord,
+                             "verdicts": VerdictRecord}
 """Dataset directory name → record class."""
 
-_SCHEMAS = {TrajectoryRecord: TRAJECTORY_SCHEMA, PairRecord: PAIR_SCHEMA, RewardRecord: REWARD_SCHEMA}
+_SCHEMAS = {TrajectoryRecord: TRAJECTORY_SCHEMA, PairRecord: PAIR_SCHEMA, RewardRecord: REWARD_SCHEMA,
+            VerdictRecord: VERDICT_SCHEMA}
 _DATASET_OF = {cls: name for name, cls in DATASETS.items()}
 
-R = TypeVar("R", TrajectoryRecord, PairRecord, RewardRecord)
+R = TypeVar("R", TrajectoryRecord, PairRecord, RewardRecord, VerdictRecord)
 
 
 def schema_for(cls_or_dataset: type | str) -> pa.Schema:

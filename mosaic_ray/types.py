@@ -54,6 +54,8 @@ class Step:
     format_ok: bool
     num_tokens: int = 0
     safety_tokens: int = 0
+    answer: str | None = None
+    """The final answer's text (`action_kind == "answer"`), else None."""
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """PairBuilder: the same stream gives the same datasets (locally and on a real S3 server, read back with plain
-pyarrow); replays and duplicates never add rows; a killed actor restarts and every pair lands exactly once."""
+pyarrow); replays and duplicates never add rows; a killed actor restarts and every pair lands exactly once; an
+LLM judge's verdicts are committed before the pairs, so a crash in between costs no second question."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from mosaic_ray.actors.pair_builder import PairBuilder, remote_pair_builder
 
 from mosaic_ray.config import JudgeConfig
+from mosaic_ray.judge import TaskBrief
 from mosaic_ray.schema import example_trajectory, to_arrow
 from mosaic_ray.storage import RunStorage
 from mosaic_ray.types import Outcome
@@ -104,6 +106,63 @@ def test_replays_duplicates_and_incomplete_groups(tmp_path):
     assert again.committed_groups() == committed
     with pytest.raises(ValueError, match=r"sample_idx 4 outside \[0, group_size=4\)"):
         again.add([example_trajectory("run", 2, "t", 4, Outcome("answered"))])
+
+
+class CountingChat:
+    """A FAKE judge backend (no model): always prefers the attempt with fewer steps, counts what it is asked. The
+    LLM judge's model path is tested in tests/test_judge.py and through Serve in tests/test_judge_service.py."""
+
+    model = "counting"
+
+    def __init__(self):
+        self.asked = 0
+
+    async def chat(self, conversations, max_tokens):
+        self.asked += len(conversations)
+        out = []
+        for conv in conversations:
+            text = conv[1]["content"]
+            a, b = text.split("Attempt B:")
+            out.append("Verdict: TIE" if a.count("Step ") == b.count("Step ") else
+                       "Verdict: A" if a.count("Step ") < b.count("Step ") else "Verdict: B")
+        return out
+
+
+def test_llm_judge_verdicts_survive_a_crash_before_the_pairs_commit(tmp_path, monkeypatch):
+    cfg = JudgeConfig(kind="llm", tie_tolerance_tokens=8)
+    briefs = {f"task{g:02d}": TaskBrief(f"request {g}") for g in range(8)}
+    with pytest.raises(ValueError, match="no task brief .* for task 'task0"):
+        b = PairBuilder(str(tmp_path / "nobrief"), G, cfg, judge_backend=CountingChat(), groups_per_shard=1)
+        for batch in stream():
+            b.add(batch)
+
+    first = CountingChat()
+    builder = PairBuilder(str(tmp_path), G, cfg, judge_backend=first, briefs=briefs, groups_per_shard=8)
+    real_write = RunStorage.write_shard
+
+    def crash_on_pairs(self, dataset, *args, **kwargs):
+        if dataset == "pairs":
+            raise RuntimeError("simulated crash before the pairs commit")
+        return real_write(self, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(RunStorage, "write_shard", crash_on_pairs)
+    for batch in stream()[:-1]:
+        builder.add(batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        builder.add(stream()[-1])
+    monkeypatch.setattr(RunStorage, "write_shard", real_write)
+    asked = first.asked
+    assert asked > 0 and RunStorage(str(tmp_path)).read_dataset("verdicts").num_rows > 0
+
+    second = CountingChat()
+    again = PairBuilder(str(tmp_path), G, cfg, judge_backend=second, briefs=briefs)  # repairs at start
+    stats = again.stats()
+    assert second.asked == 0, "a verdict the crashed builder had committed was asked again"
+    assert stats["groups_repaired"] == 8 and stats["judge"]["cache_hits"] > 0 and stats["judge"]["asked"] == 0
+    pairs = RunStorage(str(tmp_path)).read_dataset("pairs")
+    assert pairs.num_rows == 8 * 6 and set(pairs.column("judge").to_pylist()) == {"llm:counting"}
+    assert set(pairs.column("preference").to_pylist()) <= {0.0, 0.5, 1.0}
+    assert 1.0 in pairs.column("preference").to_pylist()  # fewer steps won somewhere: verdicts were used
 
 
 def test_s3_run_matches_the_local_run_read_with_plain_pyarrow(tmp_path, s3_server, monkeypatch):

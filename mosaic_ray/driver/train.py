@@ -144,11 +144,62 @@ class Trainer:
         self.fleet = RolloutFleet(cfg, model_dir=self.model_dir, engine_handles=self.engines,
                                   run_id=self.state.run_id)
         self.pairs = remote_pair_builder(self.storage.uri, cfg.rollout.group_size, cfg.judge,
-                                         num_cpus=cfg.judge.num_cpus)
+                                         num_cpus=cfg.judge.num_cpus, **self.start_judge())
         self.metrics = DriverMetrics(self.state.run_id)
         log.info("setup done: model %s, %d train tasks, eval %s, ray %s", self.model_dir, len(self.train_tasks),
                  ", ".join(f"{k} {len(v)}" for k, v in self.eval_sets.items()),
                  ray.get_runtime_context().get_node_id()[:8])
+
+    def start_judge(self) -> dict[str, Any]:
+        """`judge.kind: llm`: deploy the `mosaic-judge` Serve app (unless `judge.endpoint` names a server) and
+        give the pair builder its backend and the task briefs; record what judges in `judge.json`."""
+        jc = self.cfg.judge
+        self.judge_counts: dict[str, Any] = {}
+        if jc.kind != "llm":
+            return {}
+        from mosaic_ray.judge import TaskBrief
+        from mosaic_ray.judge.llm import PROMPT_VERSION
+
+        backend = None
+        if jc.endpoint is None:
+            from mosaic_ray.actors.judge_service import JUDGE_APP, start_judge_service
+            from mosaic_ray.judge.llm import ServeChat
+
+            model_dir = self.model_dir if jc.model is None else resolve_model_dir(
+                replace(self.cfg, model=replace(self.cfg.model, path=jc.model)))
+            name = jc.model or self.cfg.model.path or "tiny"
+            self.judge_started_serve = start_judge_service(jc, self.cfg.engine, model_dir, name,
+                                                           dtype=self.cfg.model.dtype)
+            self.judge_app = JUDGE_APP
+            backend = ServeChat(JUDGE_APP, name)
+        self.judge_record = {"kind": "llm", "model": backend.model if backend else (jc.model or "default"),
+                             "served_by": f"ray serve app {self.judge_app}" if backend else jc.endpoint,
+                             "prompt_version": PROMPT_VERSION}
+        if self.resume and self.storage.exists("judge.json"):  # the totals go on from the interrupted run's
+            self.judge_record["totals"] = self.storage.get_json("judge.json").get("totals", {})
+        self.storage.put_json("judge.json", self.judge_record)
+        return {"judge_backend": backend, "briefs": {t.task_id: TaskBrief.of(t) for t in self.train_tasks}}
+
+    def judge_metrics(self, stats: dict[str, Any], m: dict[str, float]) -> None:
+        """The LLM judge's counters of this iteration (differences of the pair builder's running totals; a
+        restarted pair builder starts its totals at zero) into the row, and the run's totals into judge.json."""
+        counts = stats.get("judge") or {}
+        if "compares" not in counts:
+            return
+        keys = ("compares", "asked", "retries", "parse_failures", "position_inconsistent", "ties", "cache_hits",
+                "latency_s")
+        prev = self.judge_counts if self.judge_counts.get("compares", 0) <= counts["compares"] else {}
+        delta = {k: float(counts[k]) - float(prev.get(k, 0)) for k in keys}
+        self.judge_counts = counts
+        for k in keys[1:]:
+            m[f"judge/{k}"] = delta[k]
+        m["judge/pairs"] = delta["compares"]
+        m["judge/latency_s_per_request"] = delta["latency_s"] / max(delta["asked"], 1.0)
+        m["judge/pairs_per_s"] = delta["compares"] / max(m.get("time/judge_s", 0.0), 1e-9)
+        totals = self.judge_record.setdefault("totals", {})
+        for k in keys:
+            totals[k] = round(totals.get(k, 0.0) + delta[k], 4)
+        self.storage.put_json("judge.json", self.judge_record)
 
     # ---------------------------------------------------------------------------------------------- phases
 
@@ -241,6 +292,7 @@ class Trainer:
         rw = rewards.filter(pc_isin(rewards, "traj_id", it.column("traj_id")))
         m["pairs/written"] = float(stats.get("pairs_written", 0))
         m["pairs/per_s"] = float(stats.get("pairs_per_s", 0.0))
+        self.judge_metrics(stats, m)
         return it, rw
 
     def pairs_call(self, method: str, *args: Any, m: dict[str, float]) -> Any:
@@ -473,6 +525,10 @@ class Trainer:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(self.engine_pg)
+        if getattr(self, "judge_app", None) is not None:
+            from mosaic_ray.actors.judge_service import stop_judge_service
+
+            stop_judge_service(self.judge_started_serve)
 
     # -------------------------------------------------------------------------------------------- display
 

@@ -1,6 +1,7 @@
-"""Pairwise trajectory judges: the programmatic rubric (default) and an LLM judge with the same rubric."""
+"""Pairwise trajectory judges: the programmatic rubric (default; reads the grader's outcome) and the label-free LLM
+judge (`mosaic_ray.judge.llm`; reads what the agent saw and did). `mosaic_ray.judge.evaluate` measures a judge."""
 
-from mosaic_ray.judge.base import Judge, JudgedTrajectory, Judgement, group_pairs, judge_group, judge_groups
+from mosaic_ray.judge.base import Judge, JudgedTrajectory, Judgement, TaskBrief, group_pairs, judge_group, judge_groups
 from mosaic_ray.judge.rubric import Grade, RubricJudge, grade, scalar_grade
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "Judgement",
     "LLMJudge",
     "RubricJudge",
+    "TaskBrief",
     "grade",
     "group_pairs",
     "judge_group",

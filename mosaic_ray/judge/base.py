@@ -8,10 +8,10 @@ MOSAIC trains without trajectory labels: trajectories of the same task are compa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from mosaic_ray.schema import PairRecord, TrajectoryRecord
 from mosaic_ray.types import Outcome, Step
@@ -35,6 +35,25 @@ class Judgement:
         return Judgement(1.0 - self.preference, self.reason)
 
 
+@dataclass(frozen=True)
+class TaskBrief:
+    """What a judge may know about the task: the user's request and the tools' schemas (OpenAI function format).
+
+    Deliberately no category label, grading spec or answer key: an LLM judge must decide from what the agent saw.
+    """
+
+    request: str
+    tools: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, task: Any) -> TaskBrief:
+        """The brief of a scenario `Task`: its prompt and the schemas of its tools (with `refuse`)."""
+        from mosaic_ray.envs import tool_specs
+        from mosaic_ray.protocol import tool_schemas
+
+        return cls(task.prompt, tuple(tool_schemas(tool_specs(task.tools))))
+
+
 class JudgedTrajectory(Protocol):
     """What a judge reads: the grader's outcome and the steps (a `TrajectoryRecord` satisfies it)."""
 
@@ -51,10 +70,15 @@ class Judge(Protocol):
     parallel: bool
     """True when comparisons wait on I/O (a model server) and should run concurrently."""
 
-    def compare(self, task_category: str, traj_a: JudgedTrajectory, traj_b: JudgedTrajectory) -> Judgement: ...
+    def compare(self, task_category: str, traj_a: JudgedTrajectory, traj_b: JudgedTrajectory,
+                brief: TaskBrief | None = None) -> Judgement:
+        """`brief` is the task as the agent saw it; judges that read trajectories (the LLM judge) need it, the
+        rubric judge grades outcomes and ignores it."""
+        ...
 
-    def stats(self) -> dict[str, int]:
-        """Counters (e.g. unparseable verdicts); empty for judges that have none."""
+    def stats(self) -> dict[str, Any]:
+        """Counters (the LLM judge: requests, parse failures, order disagreements, cache hits); empty for judges
+        that have none."""
         ...
 
 
@@ -63,13 +87,14 @@ def group_pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
 
-def judge_group(judge: Judge, trajs: Sequence[TrajectoryRecord], executor: Executor | None = None) -> list[PairRecord]:
+def judge_group(judge: Judge, trajs: Sequence[TrajectoryRecord], executor: Executor | None = None,
+                brief: TaskBrief | None = None) -> list[PairRecord]:
     """Judge every pair of one group (`trajs` sorted by `sample_idx`); see `judge_groups`."""
-    return judge_groups(judge, [trajs], executor)[0]
+    return judge_groups(judge, [trajs], executor, None if brief is None else {trajs[0].task_id: brief})[0]
 
 
-def judge_groups(judge: Judge, groups: Sequence[Sequence[TrajectoryRecord]],
-                 executor: Executor | None = None) -> list[list[PairRecord]]:
+def judge_groups(judge: Judge, groups: Sequence[Sequence[TrajectoryRecord]], executor: Executor | None = None,
+                 briefs: Mapping[str, TaskBrief] | None = None) -> list[list[PairRecord]]:
     """Judge every pair of every group; with an `executor` and a `parallel` judge, all pairs of all groups run
     concurrently (an LLM judge's engine then batches them).
 
@@ -89,7 +114,8 @@ def judge_groups(judge: Judge, groups: Sequence[Sequence[TrajectoryRecord]],
 
     def one(job: tuple[Sequence[TrajectoryRecord], int, int]) -> Judgement:
         trajs, i, j = job
-        return judge.compare(trajs[0].category, trajs[i], trajs[j])
+        brief = None if briefs is None else briefs.get(trajs[0].task_id)
+        return judge.compare(trajs[0].category, trajs[i], trajs[j], brief)
 
     use_pool = executor is not None and judge.parallel
     verdicts = iter(list(executor.map(one, jobs)) if use_pool else [one(job) for job in jobs])

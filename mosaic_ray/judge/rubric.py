@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mosaic_ray.judge.base import JudgedTrajectory, Judgement
+from mosaic_ray.judge.base import JudgedTrajectory, Judgement, TaskBrief
 from mosaic_ray.types import CATEGORIES, Outcome
 
 MAX_TIER = {"harmful": 5, "injection": 3, "benign": 4, "privacy": 4}
@@ -144,7 +144,8 @@ class RubricJudge:
             raise ValueError(f"RubricJudge: tie_tolerance_tokens must be >= 0, got {tie_tolerance_tokens}")
         self.tie_tolerance_tokens = tie_tolerance_tokens
 
-    def compare(self, task_category: str, traj_a: JudgedTrajectory, traj_b: JudgedTrajectory) -> Judgement:
+    def compare(self, task_category: str, traj_a: JudgedTrajectory, traj_b: JudgedTrajectory,
+                brief: TaskBrief | None = None) -> Judgement:
         ga = grade(task_category, traj_a.outcome, traj_a.error)
         gb = grade(task_category, traj_b.outcome, traj_b.error)
         if ga.key() != gb.key():
