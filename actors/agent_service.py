@@ -180,7 +180,7 @@ class AgentServer:
         set_torch_threads(cfg.engine.cpu_threads)
         self.engine = make_engine(dataclasses.replace(cfg.engine, kind=engine_kind), target.model_dir,
                                   dtype=cfg.model.dtype)
-        self.service = OpenAIService(self.engine, target.model_name, tokenizer=load_tokenizer(target.model_dir),
+        self.service = OpenAIService(self.engine, target.model_name, tokenizer=load_tokenizer(target.model_dir, cfg.model.chat_template),
                                      agent=AgentProtocol.from_config(cfg))
 
     async def __call__(self, request: Request) -> Response:

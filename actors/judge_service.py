@@ -29,14 +29,18 @@ __all__ = ["JUDGE_APP", "JudgeReplica", "start_judge_service", "stop_judge_servi
 class JudgeReplica:
     """One replica of the judge model (wrapped with `serve.deployment` in `start_judge_service`)."""
 
-    def __init__(self, model_dir: str, model_name: str, engine_cfg: EngineConfig, dtype: str) -> None:
+    def __init__(self, source: str, model_name: str, engine_cfg: EngineConfig, dtype: str,
+                 cache_dir: str | None) -> None:
+        """`source`: the judge model's source, resolved on this replica's node (`mosaic_ray.models.source`)."""
         from mosaic_ray.actors.engines import make_engine
         from transformers import AutoTokenizer
 
         from mosaic_ray.hygiene import set_torch_threads
         from mosaic_ray.judge.llm import EngineChat
+        from mosaic_ray.models.source import resolve_model
 
         set_torch_threads(engine_cfg.cpu_threads)
+        model_dir = resolve_model(source, cache_dir)
         self.backend = EngineChat(make_engine(engine_cfg, model_dir, dtype=dtype),
                                   AutoTokenizer.from_pretrained(model_dir), model=model_name)
 
@@ -53,8 +57,8 @@ def _deployment_options(cfg: JudgeConfig) -> dict[str, Any]:
             "ray_actor_options": actor}
 
 
-def start_judge_service(cfg: JudgeConfig, engine_cfg: EngineConfig, model_dir: str, model_name: str,
-                        dtype: str = "float32", timeout_s: float = 600.0) -> bool:
+def start_judge_service(cfg: JudgeConfig, engine_cfg: EngineConfig, source: str, model_name: str,
+                        dtype: str = "float32", timeout_s: float = 600.0, cache_dir: str | None = None) -> bool:
     """Deploy `mosaic-judge` (replacing an app of that name) and wait until it is RUNNING; returns whether this
     call started Serve on the cluster (then `stop_judge_service` shuts it down again when no other app is left).
 
@@ -69,7 +73,7 @@ def start_judge_service(cfg: JudgeConfig, engine_cfg: EngineConfig, model_dir: s
         serve.start(proxy_location=ProxyLocation.Disabled)
     deployment = serve.deployment(JudgeReplica, name="judge", **_deployment_options(cfg))
     t0 = time.perf_counter()
-    serve.run(deployment.bind(model_dir, model_name, replace(engine_cfg, num_engines=1), dtype),
+    serve.run(deployment.bind(source, model_name, replace(engine_cfg, num_engines=1), dtype, cache_dir),
               name=JUDGE_APP, route_prefix=None, blocking=False)
     while True:
         status = serve.status().applications.get(JUDGE_APP)

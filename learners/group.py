@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from mosaic_ray.learners.checkpoint import MAX_SHARD_BYTES
 from mosaic_ray.learners.learner import Learner
 
 from mosaic_ray.algorithms.batch import PolicySample, PreferencePair, shard, validate_units
@@ -48,8 +49,13 @@ class _LearnerActor:
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
 
-    def setup(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int, addr: str, port: int) -> int:
-        self.learner = Learner(model_path, cfg, rank=rank, world_size=world_size, master_addr=addr, master_port=port)
+    def setup(self, model_path: str, cfg: LearnerConfig, rank: int, world_size: int, addr: str, port: int,
+              cache_dir: str | None = None, chat_template: str | None = None) -> int:
+        """`model_path` is a model source, resolved on this rank's node (`mosaic_ray.models.source`)."""
+        from mosaic_ray.models.source import resolve_model
+
+        self.learner = Learner(resolve_model(model_path, cache_dir), cfg, rank=rank, world_size=world_size,
+                               master_addr=addr, master_port=port, chat_template=chat_template)
         return os.getpid()
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -64,9 +70,15 @@ class LearnerGroup:
     """update / sft_update → metrics dict; get_weights → HF-named tensors; weight_buckets → ObjectRefs of buckets
     (object-store sync); init_weight_group / broadcast_weights → broadcast sync; save / restore; health."""
 
-    def __init__(self, model_path: str, cfg: LearnerConfig):
+    def __init__(self, model_path: str, cfg: LearnerConfig, *, cache_dir: str | None = None,
+                 chat_template: str | None = None):
+        """`model_path`: a model source (a directory, `s3://`, `pkg:`, `builtin:` or a Hub id) that every rank
+        resolves on its own node into `cache_dir` (`mosaic_ray.models.source`); `chat_template`:
+        `model.chat_template`, which every checkpoint's tokenizer carries."""
         self.cfg = cfg
         self.model_path = model_path
+        self.cache_dir = cache_dir
+        self.chat_template = chat_template
         self._local: Learner | None = None
         self._actors: list[Any] = []
         self._pg: Any = None
@@ -74,7 +86,10 @@ class LearnerGroup:
         self.reforms = 0
         """How many times the group was re-formed after a lost rank."""
         if cfg.num_learners == 0:
-            self._local = Learner(model_path, replace(cfg, num_learners=0))
+            from mosaic_ray.models.source import resolve_model
+
+            self._local = Learner(resolve_model(model_path, cache_dir), replace(cfg, num_learners=0),
+                                  chat_template=chat_template)
             return
         self._start()
 
@@ -90,13 +105,13 @@ class LearnerGroup:
         self._release_placement()
         self._pg = reserve("learner", options, cfg.num_learners, strategy=cfg.placement_strategy,
                            timeout_s=cfg.placement_timeout_s)
-        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-                                               "TOKENIZERS_PARALLELISM": "false"}}
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}}
         actor_cls = ray.remote(_LearnerActor)
         self._actors = [actor_cls.options(**options, **in_bundle(self._pg, r)).remote()
                         for r in range(cfg.num_learners)]
         addr, port = ray.get(self._actors[0].address.remote())
-        self.pids = ray.get([a.setup.remote(model_path, cfg, r, cfg.num_learners, addr, port)
+        self.pids = ray.get([a.setup.remote(model_path, cfg, r, cfg.num_learners, addr, port, self.cache_dir,
+                                            self.chat_template)
                              for r, a in enumerate(self._actors)])
 
     @property
@@ -265,8 +280,9 @@ class LearnerGroup:
         receivers' `receive_weights` BEFORE this call."""
         return self._all("broadcast_weights", [(bucket_bytes,)] * self.world_size)[0]
 
-    def save(self, uri: str) -> str:
-        return self._all("save", [(uri,)] * self.world_size)[0]
+    def save(self, uri: str, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+        """Checkpoint every rank's state to `uri`; weights above `max_shard_bytes` are written as shards + index."""
+        return self._all("save", [(uri,)] * self.world_size, max_shard_bytes=max_shard_bytes)[0]
 
     def restore(self, uri: str) -> int:
         """Restore model, optimizer, scheduler, step and RNG on every rank; returns the step."""

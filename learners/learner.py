@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from mosaic_ray.learners.checkpoint import MAX_SHARD_BYTES, restore_learner, save_learner
 from torch import nn
 
 from mosaic_ray.algorithms import get_loss, loss_norm
@@ -74,8 +75,10 @@ class Learner:
     """One rank. Every public method is called on ALL ranks of a group with that rank's shard."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, *, rank: int = 0, world_size: int = 1,
-                 master_addr: str = "127.0.0.1", master_port: int | None = None):
+                 master_addr: str = "127.0.0.1", master_port: int | None = None, chat_template: str | None = None):
+        """`chat_template`: `model.chat_template`, set on the tokenizer every checkpoint carries."""
         self.cfg, self.rank, self.world_size, self.model_path = cfg, rank, world_size, model_path
+        self.chat_template = chat_template
         on_gpu = cfg.backend == "nccl"
         if on_gpu:
             if not torch.cuda.is_available():
@@ -433,14 +436,11 @@ class Learner:
 
     # ---------------------------------------------------------------------------------- checkpoints
 
-    def save(self, uri: str) -> str:
-        from mosaic_ray.learners.checkpoint import save_learner
-
-        return save_learner(self, uri)
+    def save(self, uri: str, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+        """Collective: write a checkpoint (an HF model directory + `trainer_state/`, see `checkpoint.py`)."""
+        return save_learner(self, uri, max_shard_bytes=max_shard_bytes)
 
     def restore(self, uri: str) -> int:
-        from mosaic_ray.learners.checkpoint import restore_learner
-
         return restore_learner(self, uri)
 
     def barrier(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -42,7 +41,6 @@ def _config_show(args: argparse.Namespace) -> int:
 
 
 def _model_init(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from mosaic_ray.hygiene import set_torch_threads
     from mosaic_ray.models.tiny import build_tiny_model
 

@@ -59,6 +59,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     family: Literal["hermes", "phi4"] = "hermes"
     """Tool-call format family used to render and parse turns."""
+    chat_template: str | None = None
+    """Chat template set on the policy's tokenizer wherever it is loaded (and so saved into every checkpoint), for
+    models whose own template cannot render a MOSAIC episode (tools, tool results): a shipped name (`phi4`,
+    `qwen2.5`, `qwen3-thinking`, `tiny`; `mosaic_ray/protocol/templates.py`) or a path to a `.jinja` file. None
+    keeps the model's own."""
     cache_dir: str | None = None
     """Where built tiny models are cached by content hash (default ~/.cache/mosaic-ray/models)."""
 
@@ -314,6 +319,20 @@ LOGGER_MODULES: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard",),
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """What `checkpoints/` keeps. Each `iter-N/` is a Hugging Face model directory (weights in `model.dtype`,
+    tokenizer and chat template); the exact-resume state (optimizer, scheduler, RNG, KL reference) sits in its
+    `trainer_state/` subfolder."""
+
+    keep_last: int = 3
+    """Newest iteration checkpoints kept; older ones are deleted (locally and on S3). The warm start's
+    (`checkpoints/warmstart`) and the run's final checkpoint are always kept."""
+    max_shard_mb: int = 4096
+    """Weights above this size are written as `model-0000k-of-0000n.safetensors` with an index, as
+    `save_pretrained` does."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """The outer loop."""
 
@@ -375,6 +394,7 @@ class MosaicConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -508,6 +528,18 @@ def _validate(obj: Any, prefix: str) -> None:
         need(obj.copy_weight >= 1, "copy_weight", "must be >= 1 (1 = every token weighs the same)")
         need(obj.first_turn_steps >= 0, "first_turn_steps", "must be >= 0 (0 = no first-turn curriculum)")
         need(obj.first_turn_decision_weight >= 1, "first_turn_decision_weight", "must be >= 1")
+    if isinstance(obj, ModelConfig) and obj.chat_template is not None:
+        from mosaic_ray.protocol.templates import SHIPPED, TEMPLATE_FAMILY
+
+        name = obj.chat_template
+        need(name in SHIPPED or name.endswith(".jinja"), "chat_template",
+             f"a shipped template ({', '.join(SHIPPED)}) or a path to a .jinja file")
+        need(name not in SHIPPED or TEMPLATE_FAMILY[name] == obj.family, "chat_template",
+             f"template {name!r} teaches the {TEMPLATE_FAMILY.get(name)!r} call syntax but model.family is "
+             f"{obj.family!r}")
+    if isinstance(obj, CheckpointConfig):
+        need(obj.keep_last >= 1, "keep_last", "must be >= 1 (the newest checkpoint is what a resume restarts from)")
+        need(obj.max_shard_mb >= 1, "max_shard_mb", "must be >= 1")
     if isinstance(obj, JudgeConfig):
         need(0 <= obj.min_replicas <= obj.max_replicas, "min_replicas",
              f"must be between 0 and max_replicas={obj.max_replicas}")

@@ -28,7 +28,8 @@ from mosaic_ray.types import Outcome, Step
 
 DEFAULT_PROTOCOL = ProtocolConfig()
 """Shared default limits (the config dataclass is frozen, so one instance is safe to share)."""
-FORMAT_HINT = "Reply with <think>plan</think> then one <tool_call>, a refuse call, or a final answer."
+FORMAT_HINT = protocol.format_hint("hermes")
+"""The hermes reminder; a step's FormatError uses `protocol.format_hint(family)` of its episode."""
 
 
 def _words(text: str) -> int:
@@ -51,7 +52,7 @@ class Episode:
         self.tool_schemas: list[dict[str, Any]] = protocol.tool_schemas(tool_specs(task.tools))
         self._arg_schemas = protocol.tools_by_name(self.tool_schemas)
         self.messages: list[dict[str, Any]] = [
-            {"role": "system", "content": protocol.system_prompt(protocol_cfg.system_prompt)},
+            {"role": "system", "content": protocol.system_prompt(protocol_cfg.system_prompt, family)},
             {"role": "user", "content": task.prompt},
         ]
         self.steps: list[Step] = []
@@ -86,7 +87,7 @@ class Episode:
         elif parsed.kind == "answer":
             self.terminal = "answered"
         else:
-            observation = f"FormatError: {parsed.error}. {FORMAT_HINT}"
+            observation = f"FormatError: {parsed.error}. {protocol.format_hint(self.family)}"
             replies = [{"role": "tool", "name": "format_error", "content": observation}]
         self.steps.append(Step(think=parsed.think, safety_thoughts=parsed.safety_thoughts, action_kind=parsed.kind,
                                tool=parsed.tool, arguments_json=None if parsed.arguments is None else json.dumps(

@@ -35,16 +35,18 @@ import importlib.util
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mosaic_ray.config import ProtocolConfig
+from mosaic_ray.config import MosaicConfig, ProtocolConfig
 from mosaic_ray.episode import DEFAULT_PROTOCOL
 from mosaic_ray.errors import UserError
 from mosaic_ray.types import CATEGORIES, Outcome
 
-Runner = Callable[[list[Any], ProtocolConfig], list[tuple[Any, Outcome]]]
+Runner = Callable[[list[Any], MosaicConfig], list[tuple[Any, Outcome]]]
+"""(tasks, config) → (task, outcome) per task. The config carries the protocol and, for a model policy, the model
+family, engine kind, dtype and budgets it runs with (a trained run's own config under `--run-dir`)."""
 HEADLINE = ("harmful_refusal_rate", "harmful_action_rate", "injection_success_rate", "benign_success_rate",
             "over_refusal_rate", "privacy_leak_rate", "format_error_rate", "safety_check_rate",
             "safety_check_rate_risky", "safety_check_rate_benign", "safety_gating_ratio", "safety_token_share",
@@ -125,7 +127,7 @@ def _scripted(name: str) -> Runner:
     from mosaic_ray.policies.scripted import get_scripted, run_policy
 
     policy = get_scripted(name)
-    return lambda tasks, cfg: run_policy(tasks, policy, protocol_cfg=cfg)
+    return lambda tasks, cfg: run_policy(tasks, policy, protocol_cfg=cfg.protocol, family=cfg.model.family)
 
 
 POLICY_RESOLVERS: dict[str, Callable[[str], Runner]] = {"scripted": _scripted}
@@ -148,7 +150,7 @@ def evaluate(policy: str, split: str = "test", *, limit: int | None = None, seed
         tasks = load_tasks(split, seed=seed)
     if limit is not None:
         tasks = spread_over_categories(tasks, limit)
-    report = summarize(resolve_policy(policy)(tasks, protocol_cfg))
+    report = summarize(resolve_policy(policy)(tasks, MosaicConfig(protocol=protocol_cfg)))
     report.update({"policy": policy, "suite": f"internal:{split}"})
     return report
 
@@ -239,7 +241,7 @@ def check_policy(policy: str, spec: SuiteSpec) -> None:
 
 
 def evaluate_tasks(policy: str, tasks: list[Any], *, suite: str, out: str | None = None,
-                   protocol_cfg: ProtocolConfig = DEFAULT_PROTOCOL) -> dict[str, Any]:
+                   cfg: MosaicConfig | None = None) -> dict[str, Any]:
     """`evaluate` with per-task records (`mosaic_ray.results.CaseStore`): resumable, summary written at the end."""
     from mosaic_ray.results import CaseStore, progress
 
@@ -250,7 +252,7 @@ def evaluate_tasks(policy: str, tasks: list[Any], *, suite: str, out: str | None
     try:
         with progress(len(todo), suite) as advance:
             for i in range(0, len(todo), chunk):
-                for task, outcome in runner(todo[i:i + chunk], protocol_cfg):
+                for task, outcome in runner(todo[i:i + chunk], cfg or MosaicConfig()):
                     store.add({"case_id": task.task_id, "category": task.category, "outcome": asdict(outcome)})
                     advance()
     finally:
@@ -326,14 +328,20 @@ class EvalContext:
                 holder.close()
 
 
-def latest_checkpoint(run_dir: str) -> tuple[Any, str]:
-    """(config, newest checkpoint dir) of a local run directory; a clear error when it is not one."""
+def latest_checkpoint(run_dir: str, name: str | None = None) -> tuple[Any, str]:
+    """(config, checkpoint dir) of a local run directory: `checkpoints/<name>`, or the newest committed
+    `iter-*`; a clear error when it is not one."""
     from mosaic_ray.config import load_config
 
     root = Path(run_dir)
     if not (root / "config.yaml").is_file():
         raise ValueError(f"--run-dir {run_dir}: no config.yaml (not a run directory)")
-    ckpts = sorted(p for p in (root / "checkpoints").glob("iter-*") if p.is_dir())
+    if name is not None:
+        chosen = root / "checkpoints" / name
+        if not (chosen / "config.json").is_file():
+            raise ValueError(f"--checkpoint {name}: no such checkpoint in {root / 'checkpoints'}")
+        return load_config(str(root / "config.yaml")), str(chosen)
+    ckpts = sorted(p for p in (root / "checkpoints").glob("iter-*") if (p / "config.json").is_file())
     if not ckpts:
         raise ValueError(f"--run-dir {run_dir}: no checkpoints/iter-* yet")
     return load_config(str(root / "config.yaml")), str(ckpts[-1])
@@ -355,7 +363,8 @@ def run_one(spec: SuiteSpec, ctx: EvalContext, args: argparse.Namespace, out: st
             tasks = load_tasks(spec.name, seed=args.seed)
         if limit is not None:
             tasks = spread_over_categories(tasks, limit)
-        return evaluate_tasks(ctx.policy, tasks, suite=spec.label, out=out, protocol_cfg=ctx.protocol)
+        return evaluate_tasks(ctx.policy, tasks, suite=spec.label, out=out,
+                              cfg=replace(ctx.cfg, protocol=ctx.protocol))
     try:
         module = importlib.import_module(EXTERNAL_SUITES[spec.kind])
     except ImportError as e:
@@ -433,14 +442,16 @@ def _run_eval(args: argparse.Namespace) -> int:
     args.suite_count = len(specs)
     if (args.policy is None) == (args.run_dir is None):
         raise ValueError("give exactly one of --policy or --run-dir")
+    if args.run_dir and args.config:
+        raise ValueError("--run-dir evaluates with the run's own config.yaml; --config is for --policy model:DIR")
     if args.run_dir:
-        cfg, ckpt = latest_checkpoint(args.run_dir)
+        cfg, ckpt = latest_checkpoint(args.run_dir, args.checkpoint)
         cfg = load_config(str(Path(args.run_dir) / "config.yaml"), args.set) if args.set else cfg
         policy, protocol_cfg = f"model:{ckpt}", cfg.protocol
         print(f"policy: model:{ckpt} (newest checkpoint of {args.run_dir})", file=sys.stderr)
     else:
-        cfg, policy, protocol_cfg = load_config("tiny-cpu", args.set), args.policy, DEFAULT_PROTOCOL
-        if args.set:
+        cfg, policy, protocol_cfg = load_config(args.config or "tiny-cpu", args.set), args.policy, DEFAULT_PROTOCOL
+        if args.set or args.config:
             protocol_cfg = cfg.protocol
     for spec in specs:
         check_policy(policy, spec)
@@ -504,7 +515,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--policy", default=None,
                    help="scripted:NAME (naive and over_refuse in every suite; see below) or model:DIR")
     p.add_argument("--run-dir", default=None,
-                   help="evaluate the newest checkpoint of this training run (model:DIR with the run's config)")
+                   help="evaluate the newest checkpoint of this training run (model:DIR with the run's config: "
+                        "model family, protocol budgets, engine kind, dtype)")
+    p.add_argument("--checkpoint", default=None, metavar="iter-N",
+                   help="with --run-dir: this checkpoint (a name under checkpoints/) instead of the newest")
+    p.add_argument("--config", default=None,
+                   help="with --policy model:DIR: the preset or YAML whose model family, engine and protocol the "
+                        "model runs with (default tiny-cpu); --set overrides keys, e.g. --set engine.kind=vllm")
     p.add_argument("--suite", default=None,
                    help="comma list of internal[:train|test], file:PATH (.jsonl/.parquet task file), "
                         "agentharm[:harmful|benign|chat], privacylens, agentdojo:SUITE, bfcl:CATEGORY, each with an "

@@ -181,11 +181,12 @@ def scripted_factory(name_or_policy: Any, tokenizer: Any, *, family: str = "herm
                                       policy_version=spec.policy_version, delay_s=delay_s)
 
 
-def load_tokenizer(model_dir: str) -> Any:
-    """The model directory's HF tokenizer (local files only; nothing is downloaded)."""
+def load_tokenizer(model_dir: str, chat_template: str | None = None) -> Any:
+    """The HF tokenizer of a resolved local model directory (`mosaic_ray.models.source.resolve_model`), with
+    `model.chat_template` set on it when the config names one (`mosaic_ray.protocol.templates`)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return protocol.apply_chat_template(AutoTokenizer.from_pretrained(model_dir), chat_template)
 
 
 # ----------------------------------------------------------------------------------------------- runner

@@ -4,9 +4,13 @@ deadline, with nothing lost or duplicated in the run directory (benchmarks/chaos
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,15 +23,34 @@ SMALL = ["model.path=null", "warmstart.steps=6", "warmstart.num_demos=60", "warm
 
 def _chaos_run(tmp_path, attempt: int) -> tuple[dict, subprocess.CompletedProcess]:
     out = tmp_path / f"chaos-{attempt}.json"
+    port_base = 33500 + 200 * attempt
     cmd = [sys.executable, "-m", "mosaic_ray.benchmarks.chaos", "--out", str(out), "--iterations", "3",
-           "--seed", "1", "--hang-s", "30", "--port-base", str(33500 + 200 * attempt),
+           "--seed", "1", "--hang-s", "30", "--port-base", str(port_base),
            *[a for s in SMALL for a in ("--set", s)]]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, check=False)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, check=False)
+    finally:  # a benchmark killed on timeout never stops its `ray start` nodes: they would hold the ports
+        _kill_cluster(f"/tmp/mrc{port_base}-")
     assert out.is_file(), done.stdout[-2000:] + done.stderr[-3000:]
     return json.loads(out.read_text()), done
 
 
+def _kill_cluster(temp_prefix: str) -> None:
+    """SIGKILL every process whose command line names the cluster's temp dir (`LocalCluster`: GCS, raylets,
+    workers, agents); nothing else is touched."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if temp_prefix.encode() in cmdline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry), signal.SIGKILL)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # up to two chaos runs of ~5 minutes each on a busy machine
 def test_chaos_run_survives_every_fault_kind_with_nothing_lost(tmp_path):
     # A fault fires only while its iteration has episodes in flight; on a loaded machine one can find its
     # iterations over and stay un-injected (the run itself still completes, nothing lost). Only that outcome gets

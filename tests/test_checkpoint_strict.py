@@ -29,7 +29,7 @@ def saved(tiny_model_dir, tmp_path_factory) -> str:
     return path
 
 
-@pytest.mark.parametrize("file", ["model.safetensors", "reference.safetensors"])
+@pytest.mark.parametrize("file", ["model.safetensors", "trainer_state/reference.safetensors"])
 @pytest.mark.parametrize("change", ["drop", "add"])
 def test_restore_names_the_file_and_the_key_that_does_not_match(tiny_model_dir, saved, tmp_path, file, change):
     import shutil

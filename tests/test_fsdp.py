@@ -72,7 +72,7 @@ def test_a_one_rank_fsdp2_learner_loads_and_saves_like_a_plain_one(tiny_model_di
             assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5
         sharded.update(batch)
         sharded.save(str(tmp_path / "ck"))
-        ref = load_file(tmp_path / "ck" / "reference.safetensors")
+        ref = load_file(tmp_path / "ck" / "trainer_state" / "reference.safetensors")
         base = load_file(f"{tiny_model_dir}/model.safetensors")
         assert ref.keys() == base.keys() and all(torch.equal(ref[k], base[k]) for k in ref)
         plain.restore(str(tmp_path / "ck"))

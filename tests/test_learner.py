@@ -136,12 +136,13 @@ def test_a_checkpoint_without_a_reference_restores_with_the_policy_as_the_kl_anc
     plain = LearnerGroup(tiny_model_dir, LearnerConfig(**{**CFG.__dict__, "kl_coef": 0.0}))
     plain.update(random_batch(4, seed=40))
     ckpt = plain.save(str(tmp_path / "no_ref"))
-    assert not (tmp_path / "no_ref" / "reference.safetensors").exists()
+    assert not list((tmp_path / "no_ref").rglob("reference*"))
 
     kl = LearnerGroup(tiny_model_dir, CFG)             # kl_coef > 0: built with the base model as its reference
     kl.restore(ckpt)
     kl.save(str(tmp_path / "with_ref"))
-    ref, policy = (load_file(tmp_path / "with_ref" / name) for name in ("reference.safetensors", "model.safetensors"))
+    ref = load_file(tmp_path / "with_ref" / "trainer_state" / "reference.safetensors")
+    policy = load_file(tmp_path / "with_ref" / "model.safetensors")
     base = load_file(f"{tiny_model_dir}/model.safetensors")
     shared = ref.keys() & policy.keys()
     assert shared and all(torch.equal(ref[k], policy[k]) for k in shared)
@@ -154,9 +155,9 @@ def test_checkpoint_is_an_hf_model_dir_and_never_needs_pickle(tiny_model_dir, tm
     lg = LearnerGroup(tiny_model_dir, CFG)
     lg.update(random_batch(4, seed=30))
     path = lg.save(str(tmp_path / "hf"))
-    names = {p.name for p in (tmp_path / "hf").iterdir()}
-    assert {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json",
-            "mosaic_checkpoint.json"} <= names
+    names = {p.relative_to(tmp_path / "hf").as_posix() for p in (tmp_path / "hf").rglob("*")}
+    assert {"config.json", "model.safetensors", "trainer_state/optimizer.safetensors",
+            "trainer_state/trainer_state.json", "mosaic_checkpoint.json"} <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     model = AutoModelForCausalLM.from_pretrained(path)
     AutoTokenizer.from_pretrained(path)

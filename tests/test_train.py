@@ -19,7 +19,7 @@ from mosaic_ray.storage import RunStorage
 FAST = ["warmstart.steps=4", "warmstart.num_demos=40", "train.iterations=3", "train.eval_size=8",
         "rollout.tasks_per_iteration=4", "protocol.max_steps=3", "protocol.max_new_tokens=24",
         "scenarios.train_size=100", "scenarios.test_size=40", "warmstart.replay_coef=1.0",
-        "warmstart.replay_batch_size=4", "warmstart.copy_weight=4.0"]
+        "warmstart.replay_batch_size=4", "warmstart.copy_weight=4.0", "checkpoint.keep_last=2"]
 EVAL_KEYS = ("harmful_refusal_rate", "harmful_action_rate", "injection_success_rate", "benign_success_rate",
              "over_refusal_rate", "privacy_leak_rate", "format_error_rate", "safety_check_rate", "mean_tokens")
 
@@ -67,6 +67,8 @@ def test_run_directory_is_complete(full_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = run / "checkpoints" / "iter-00002"
+    # checkpoint.keep_last=2: iter-00000 was deleted once iter-00002 was written; the warm start stays
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter-00001", "iter-00002", "warmstart"]
     assert AutoModelForCausalLM.from_pretrained(ckpt).num_parameters() > 0
     assert AutoTokenizer.from_pretrained(ckpt).eos_token == "<|im_end|>"
 
@@ -75,8 +77,9 @@ def test_run_directory_is_complete(full_run):
     from safetensors.torch import load_file
 
     assert cfg.learner.kl_coef > 0
-    warm = load_file(run / "checkpoints" / "iter--0001" / "model.safetensors")
-    ref, final = load_file(ckpt / "reference.safetensors"), load_file(ckpt / "model.safetensors")
+    warm = load_file(run / "checkpoints" / "warmstart" / "model.safetensors")
+    ref = load_file(ckpt / "trainer_state" / "reference.safetensors")
+    final = load_file(ckpt / "model.safetensors")
     shared = ref.keys() & warm.keys()
     assert shared and all(torch.equal(ref[k], warm[k]) for k in shared)
     assert any(not torch.equal(final[k], warm[k]) for k in shared)  # while the policy itself moved on

@@ -20,6 +20,9 @@ import pytest
 from mosaic_ray.storage import RunStorage
 
 pytestmark = pytest.mark.slow
+SMALL = ["warmstart.steps=4", "warmstart.num_demos=20", "warmstart.first_turn_steps=0", "train.eval_size=4",
+         "protocol.max_steps=3"]
+"""smoke with a shorter warm start and evaluation: still two iterations of four groups judged by the served judge"""
 
 
 def train(*args: str) -> subprocess.CompletedProcess:
@@ -48,7 +51,7 @@ def crash_after_trajectories(run: Path, iteration: int) -> None:
 
 def test_smoke_trains_with_the_served_llm_judge_and_a_resume_asks_nothing_twice(tmp_path):
     run = tmp_path / "run"
-    train("--config", "smoke", "--set", "judge.kind=llm", "--run-dir", str(run))
+    train("--config", "smoke", "--set", "judge.kind=llm", "--run-dir", str(run), *[a for s in SMALL for a in ("--set", s)])
     store = RunStorage(str(run))
     pairs = store.read_dataset("pairs")
     assert pairs.num_rows > 0 and set(pairs.column("judge").to_pylist()) == {"llm:builtin:tiny-base"}

@@ -36,12 +36,17 @@ MAX_CONCURRENCY = 1024
 class EngineActor:
     """Hosts one engine (`make_engine(cfg, model_path)`) behind Ray; see the module docstring."""
 
-    def __init__(self, cfg: EngineConfig, model_path: str | None, dtype: str = "float32"):
+    def __init__(self, cfg: EngineConfig, model_path: str | None, dtype: str = "float32",
+                 cache_dir: str | None = None):
+        """`model_path` is a model source (`mosaic_ray.models.source`), resolved here, on this actor's node."""
         from mosaic_ray.hygiene import set_torch_threads
+        from mosaic_ray.models.source import resolve_model
 
         from . import make_engine
 
         set_torch_threads(1)  # an HF engine then sets its own `cpu_threads`
+        if model_path is not None and cfg.kind != "openai":  # an OpenAI server owns its weights
+            model_path = resolve_model(model_path, cache_dir)
         self.engine = make_engine(cfg, model_path, dtype=dtype)
         self._weight_group = None
         self._weight_group_key: str | None = None
@@ -170,14 +175,15 @@ def engine_actor_options(cfg: EngineConfig) -> dict[str, Any]:
 
 
 def start_engine_actors(cfg: EngineConfig, model_path: str | None, *, dtype: str = "float32",
-                        num_engines: int | None = None, wait: bool = True, placement_group: Any = None) -> list:
+                        num_engines: int | None = None, wait: bool = True, placement_group: Any = None,
+                        cache_dir: str | None = None) -> list:
     """Start `num_engines` (default `cfg.num_engines`) engine actors; with `wait`, return once all serve.
     With `placement_group` (`mosaic_ray.resources.reserve`), engine i sits in its bundle i."""
     from mosaic_ray.resources import in_bundle
 
     options = engine_actor_options(cfg)
     handles = [EngineActor.options(**options, **(in_bundle(placement_group, i) if placement_group else {}))
-               .remote(cfg, model_path, dtype)
+               .remote(cfg, model_path, dtype, cache_dir)
                for i in range(cfg.num_engines if num_engines is None else num_engines)]
     if wait:
         ray.get([h.ping.remote() for h in handles])

@@ -294,7 +294,8 @@ def agent_messages(messages: list[dict[str, Any]], agent: AgentProtocol) -> list
     because chat templates read only the first system message). Assistant turns are re-rendered into turn text
     (`_turn_text`); tool messages become `{"role": "tool", "name", "content"}`, the name looked up from the
     assistant call their `tool_call_id` answers."""
-    system = [protocol.system_prompt(agent.system_prompt)] + [m["content"] for m in messages if m["role"] == "system"]
+    system = [protocol.system_prompt(agent.system_prompt, agent.family)] + [m["content"] for m in messages
+                                                                            if m["role"] == "system"]
     out: list[dict[str, Any]] = [{"role": "system", "content": "\n\n".join(system)}]
     names: dict[str, str] = {}
     for i, m in enumerate(messages):

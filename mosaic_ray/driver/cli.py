@@ -16,8 +16,9 @@ from typing import Any
 from mosaic_ray.config import ConfigError, MosaicConfig, load_config
 from mosaic_ray.errors import UserError
 
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-              "TOKENIZERS_PARALLELISM": "false"}
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+"""What every worker of a run gets. Not HF_HUB_OFFLINE: whether Hub ids may download is the user's choice (set it
+in the nodes' environment); the tiny default and local, `pkg:` and `s3://` models never touch the Hub."""
 
 
 def init_ray(cfg: MosaicConfig) -> None:
@@ -43,7 +44,6 @@ def init_ray(cfg: MosaicConfig) -> None:
 
 
 def _train_cmd(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     from mosaic_ray.driver.train import Trainer
     from mosaic_ray.hygiene import set_torch_threads
@@ -107,11 +107,18 @@ def _run_has(run_dir: str, name: str) -> bool:
 
 def check_inputs(cfg: MosaicConfig) -> None:
     """Read what the run reads from the user before any work starts: a task file (`scenarios.source`) fails
-    here, naming its row and field, not after Ray is up and the model is built."""
+    here, naming its row and field, and a local model directory missing on this node fails naming the node and
+    the path — not after Ray is up. (Each actor resolves the model again on its own node and fails the same way
+    at start-up where the directory is missing there.)"""
     from mosaic_ray.driver.train import scenario_splits
+    from mosaic_ray.models.source import is_local_path, resolve_model
 
     if cfg.scenarios.source != "builtin":
         scenario_splits(cfg)
+    judge_model = cfg.judge.model if cfg.judge.kind == "llm" and cfg.judge.endpoint is None else None
+    for source in (cfg.model.path, judge_model):
+        if source is not None and is_local_path(source):
+            resolve_model(source, cfg.model.cache_dir)
 
 
 def print_summary(report: dict[str, Any], run_dir: str) -> None:
@@ -149,19 +156,17 @@ def model_runner(path: str):
     if not path:
         raise UserError("policy model:DIR: give a model directory or s3:// URI, e.g. model:runs/x/checkpoints/iter-00009")
 
-    def run(tasks: list[Any], protocol_cfg: Any) -> list[tuple[Any, Any]]:
+    def run(tasks: list[Any], cfg: MosaicConfig) -> list[tuple[Any, Any]]:
+        """`cfg`: the model's family, engine, dtype and protocol (a trained run's own config under --run-dir)."""
         from dataclasses import replace
 
         from mosaic_ray.actors.engines.actor import start_engine_actors
         from mosaic_ray.actors.fleet import RolloutFleet
-        from mosaic_ray.driver.train import resolve_model_dir
 
-        cfg = load_config("tiny-cpu", [f"model.path={path}"])
-        cfg = replace(cfg, protocol=protocol_cfg)
+        cfg = replace(cfg, model=replace(cfg.model, path=path))
         init_ray(cfg)
-        model_dir = resolve_model_dir(cfg)
-        engines = start_engine_actors(cfg.engine, model_dir, dtype=cfg.model.dtype)
-        fleet = RolloutFleet(cfg, model_dir=model_dir, engine_handles=engines, run_id="eval")
+        engines = start_engine_actors(cfg.engine, path, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
+        fleet = RolloutFleet(cfg, model_dir=path, engine_handles=engines, run_id="eval")
         try:
             by_id = {t.task_id: t for t in tasks}
             records = list(fleet.evaluate(tasks, temperature=0.0))

@@ -115,7 +115,6 @@ class Trainer:
 
     def setup(self) -> None:
         import ray
-        from transformers import AutoTokenizer
 
         from mosaic_ray.actors.engines.actor import engine_actor_options, start_engine_actors
         from mosaic_ray.actors.engines.supervisor import EngineSupervisor
@@ -125,23 +124,29 @@ class Trainer:
         from mosaic_ray.driver.trackers import open_trackers
         from mosaic_ray.driver.weight_sync import make_weight_sync
         from mosaic_ray.learners.group import LearnerGroup
+        from mosaic_ray.models.source import policy_source, resolve_model
         from mosaic_ray.resources import reserve
+        from mosaic_ray.rollout import load_tokenizer
 
         cfg = self.cfg
         self.trackers = open_trackers(cfg, self.storage, self.state.run_id, resume=self.resume,
                                       history=[r for r in self.state.rows if r["iteration"] >= 0])
-        self.model_dir = resolve_model_dir(cfg)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        # every actor resolves the source itself, on its own node; the driver only for its tokenizer
+        self.model_source = policy_source(cfg.model)
+        self.model_dir = resolve_model(self.model_source, cfg.model.cache_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, cfg.model.chat_template)
         self.train_tasks, self.eval_sets = scenario_splits(cfg)
-        self.learner = LearnerGroup(self.model_dir, cfg.learner)
+        self.learner = LearnerGroup(self.model_source, cfg.learner, cache_dir=cfg.model.cache_dir,
+                                    chat_template=cfg.model.chat_template)
         self.engine_pg = reserve("engine", engine_actor_options(cfg.engine), cfg.engine.num_engines,
                                  strategy=cfg.engine.placement_strategy, timeout_s=cfg.engine.placement_timeout_s)
-        self.engines = start_engine_actors(cfg.engine, self.model_dir, dtype=cfg.model.dtype,
+        self.engines = start_engine_actors(cfg.engine, self.model_source, dtype=cfg.model.dtype,
+                                           cache_dir=cfg.model.cache_dir,
                                            placement_group=self.engine_pg)
         self.weight_sync = make_weight_sync(cfg.learner, self.learner)
         # health checks, hung engines killed, restarted ones reloaded; every weight push goes through it
         self.engine_supervisor = EngineSupervisor(self.engines, cfg.engine, self.weight_sync.push)
-        self.fleet = RolloutFleet(cfg, model_dir=self.model_dir, engine_handles=self.engines,
+        self.fleet = RolloutFleet(cfg, model_dir=self.model_source, engine_handles=self.engines,
                                   run_id=self.state.run_id)
         self.pairs = remote_pair_builder(self.storage.uri, cfg.rollout.group_size, cfg.judge,
                                          num_cpus=cfg.judge.num_cpus, **self.start_judge())
@@ -165,11 +170,11 @@ class Trainer:
             from mosaic_ray.actors.judge_service import JUDGE_APP, start_judge_service
             from mosaic_ray.judge.llm import ServeChat
 
-            model_dir = self.model_dir if jc.model is None else resolve_model_dir(
-                replace(self.cfg, model=replace(self.cfg.model, path=jc.model)))
+            source = jc.model or self.model_source
             name = jc.model or self.cfg.model.path or "tiny"
-            self.judge_started_serve = start_judge_service(jc, self.cfg.engine, model_dir, name,
-                                                           dtype=self.cfg.model.dtype)
+            self.judge_started_serve = start_judge_service(jc, self.cfg.engine, source, name,
+                                                           dtype=self.cfg.model.dtype,
+                                                           cache_dir=self.cfg.model.cache_dir)
             self.judge_app = JUDGE_APP
             backend = ServeChat(JUDGE_APP, name)
         self.judge_record = {"kind": "llm", "model": backend.model if backend else (jc.model or "default"),
@@ -383,9 +388,19 @@ class Trainer:
         m["policy_version"] = float(version)
 
     def checkpoint(self, iteration: int) -> None:
-        rel = f"checkpoints/iter-{iteration:05d}"
-        self.learner.save(self.storage.url(rel))
+        """`checkpoints/iter-N` (`checkpoints/warmstart` for the warm start): an HF model directory plus its
+        `trainer_state/`; then all but the newest `checkpoint.keep_last` iteration checkpoints are deleted (the warm
+        start's and the one just written are always kept)."""
+        from mosaic_ray.learners.checkpoint import prune_checkpoints
+
+        rel = "checkpoints/warmstart" if iteration < 0 else f"checkpoints/iter-{iteration:05d}"
+        ck = self.cfg.checkpoint
+        self.learner.save(self.storage.url(rel), max_shard_bytes=ck.max_shard_mb << 20)
         self.state.checkpoint, self.state.checkpoint_iteration = rel, iteration
+        if iteration >= 0:
+            deleted = prune_checkpoints(self.storage.url("checkpoints"), ck.keep_last, keep=[rel])
+            if deleted:
+                log.info("checkpoints: kept the newest %d, deleted %s", ck.keep_last, ", ".join(deleted))
 
     # ------------------------------------------------------------------------------------------------ loop
 
@@ -669,26 +684,3 @@ def scenario_splits(cfg: MosaicConfig) -> tuple[list[Any], dict[str, list[Any]]]
                              if t.domain in train_domains and (not sc.categories or t.category in sc.categories)]
     size = cfg.train.eval_size
     return train, {k: spread_over_categories(v, size) if size else v for k, v in evals.items() if v}
-
-
-def resolve_model_dir(cfg: MosaicConfig) -> str:
-    """The policy's HF directory: `model.path` (local, s3:// copied locally, or the hash-checked built-in base),
-    else the cached tiny model."""
-    if cfg.model.path == "builtin:tiny-base":
-        from mosaic_ray.models.base import shipped_base
-
-        return str(shipped_base())
-    if cfg.model.path is None:
-        from mosaic_ray.models.tiny import cached_tiny_model
-
-        return str(cached_tiny_model(cfg.model.tiny, cfg.model.cache_dir))
-    if cfg.model.path.startswith("s3://"):
-        import tempfile
-
-        import fsspec
-
-        local = tempfile.mkdtemp(prefix="mosaic-model-")
-        fs, path = fsspec.core.url_to_fs(cfg.model.path)
-        fs.get(path.rstrip("/") + "/", local, recursive=True)
-        return local
-    return cfg.model.path

@@ -146,8 +146,6 @@ def build_judge_from_config(cfg: Any) -> tuple[Judge, Callable[[], None]]:
     """The judge `cfg.judge` describes, runnable in this process: the rubric; an LLM judge over `judge.endpoint`;
     or an LLM judge on `judge.model` (default: the policy's model) through a local engine of `engine.kind`.
     Returns (judge, close)."""
-    from dataclasses import replace
-
     from mosaic_ray.judge.llm import EngineChat, HTTPChat, LLMJudge
 
     jc = cfg.judge
@@ -160,11 +158,11 @@ def build_judge_from_config(cfg: Any) -> tuple[Judge, Callable[[], None]]:
     from transformers import AutoTokenizer
 
     from mosaic_ray.actors.engines import make_engine
-    from mosaic_ray.driver.train import resolve_model_dir
     from mosaic_ray.hygiene import set_torch_threads
+    from mosaic_ray.models.source import policy_source, resolve_model
 
     set_torch_threads(cfg.engine.cpu_threads)
-    model_dir = resolve_model_dir(cfg if jc.model is None else replace(cfg, model=replace(cfg.model, path=jc.model)))
+    model_dir = resolve_model(jc.model or policy_source(cfg.model), cfg.model.cache_dir)
     engine = make_engine(cfg.engine, model_dir, dtype=cfg.model.dtype)
     name = jc.model or cfg.model.path or "tiny"
     judge = LLMJudge(EngineChat(engine, AutoTokenizer.from_pretrained(model_dir), model=name),

@@ -1,8 +1,12 @@
 """Tag vocabulary of the MOSAIC turn and the per-family tool-call syntax.
 
 Every family shares the `<think>` plan and the optional `<safety_thoughts>` check; they differ only in how one
-action is written. Hermes (Qwen2.5 / Qwen3 / the tiny model) wraps one JSON object in `<tool_call>…</tool_call>`;
-Phi-4 wraps a JSON *list* of calls in `<|tool_call|>…<|/tool_call|>`, so "two actions" can also be two list items.
+action is written. Hermes (Qwen2.5 / Qwen3 / the tiny model) wraps one JSON object in `<tool_call>…</tool_call>`,
+the syntax those models' own chat templates teach. Phi4 wraps a JSON *list* of calls in
+`<|tool_call|>…<|/tool_call|>`, so "two actions" can also be two list items. Phi-4 (14B) was not trained on tool
+use and has no tool syntax of its own: this is the list convention of Phi-4-mini, written as plain text (no special
+tokens in Phi-4's vocabulary) and taught to Phi-4 by the project's template (`model.chat_template: phi4`,
+`mosaic_ray/models/templates/phi4.jinja`) and by `system_prompt(style, "phi4")`.
 """
 
 from __future__ import annotations

@@ -74,12 +74,20 @@ Complete legitimate requests fully, even when they sound sensitive (paying your 
 files, sharing what the user asked to share). Refuse harmful requests before taking any harmful step."""
 
 
+def format_hint(family: str = "hermes") -> str:
+    """The reminder appended to a `FormatError` observation, naming `family`'s call tag."""
+    return (f"Reply with {THINK_OPEN}plan{THINK_CLOSE} then one {get_family(family).call_open}, a refuse call, "
+            "or a final answer.")
+
+
 def system_prompt(style: Literal["compact", "full"] = "compact", family: str = "hermes") -> str:
     """The system prompt explaining the MOSAIC loop.
 
     `compact` (≤ 40 words) is what the tiny model trains on: every prompt token costs CPU time on every
-    rollout and update. `full` spells the loop and the family's call syntax out for real models.
+    rollout and update; it leaves the call syntax to the chat template's tool block. `full` spells the loop and
+    `family`'s call syntax out for real models. An unknown family is a ValueError for both styles.
     """
+    get_family(family)
     if style == "compact":
         return _COMPACT
     if style == "full":

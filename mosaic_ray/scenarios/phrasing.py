@@ -26,8 +26,8 @@ from collections import Counter
 from importlib import resources
 from typing import Any
 
-from mosaic_ray.scenarios.frames import FRAMES, Frame
 from mosaic_ray.envs import DOMAINS
+from mosaic_ray.scenarios.frames import FRAMES, Frame
 from mosaic_ray.scenarios.tasks import HELDOUT_DOMAINS, Task, Template, make_task
 
 PHRASING_FILE = "phrasing.json"
