@@ -206,13 +206,8 @@ def test_a_key_missing_from_the_index_names_the_index(tiny_model_dir, sharded, t
     del tensors["model.norm.weight"]
     save_file(tensors, ckpt / shard, metadata={"format": "pt"})
     index_file.write_text(json.dumps(index))
-    lg = LearnerGroup(tiny_model_dir, CFG)
-    try:
-        with pytest.raises(ValueError, match=f"checkpoint {ckpt}/model.safetensors.index.json: missing key "
-                                             f"'model.norm.weight'"):
-            lg.restore(str(ckpt))
-    finally:
-        lg.shutdown()
+    assert_refused(tiny_model_dir, ckpt, f"checkpoint {ckpt}/model.safetensors.index.json: missing key "
+                                         f"'model.norm.weight'")
 
 
 def test_a_checkpoint_of_the_old_format_is_refused_naming_the_path_and_both_versions(tiny_model_dir, single,
@@ -221,10 +216,15 @@ def test_a_checkpoint_of_the_old_format_is_refused_naming_the_path_and_both_vers
     shutil.copytree(single, ckpt)
     manifest = json.loads((ckpt / MANIFEST).read_text())
     (ckpt / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
-    lg = LearnerGroup(tiny_model_dir, CFG)
+    assert_refused(tiny_model_dir, ckpt, rf"checkpoint {ckpt}: format_version 1 .* reads only format_version "
+                                         rf"{FORMAT_VERSION}")
+
+
+def assert_refused(model_dir: str, ckpt, match: str) -> None:
+    """Restoring `ckpt` into a fresh learner group raises a ValueError matching `match`."""
+    lg = LearnerGroup(model_dir, CFG)
     try:
-        with pytest.raises(ValueError, match=rf"checkpoint {ckpt}: format_version 1 .* reads only format_version "
-                                             rf"{FORMAT_VERSION}"):
+        with pytest.raises(ValueError, match=match):
             lg.restore(str(ckpt))
     finally:
         lg.shutdown()

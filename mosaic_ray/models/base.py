@@ -72,7 +72,8 @@ def corpus_demos(recipe: BaseRecipe) -> list[dict[str, Any]]:
     return demonstrations(tasks, policy)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -81,7 +82,7 @@ def _sha256(path: Path) -> str:
 
 
 def file_hashes(model_dir: Path) -> dict[str, str]:
-    return {p.name: _sha256(p) for p in sorted(model_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
+    return {p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
 def build_base(out_dir: str | Path, recipe: BaseRecipe = BaseRecipe(), *,

@@ -139,7 +139,9 @@ def _packaged(source: str, root: Path) -> Path:
     gguf = Path(next(iter(spec.submodule_search_locations))) / name
     if not gguf.is_file():
         raise ModelSourceError(f"model source {source!r}: {gguf} missing from the installed package")
-    digest = _file_sha256(gguf)[:16]
+    from mosaic_ray.models.base import sha256_file
+
+    digest = sha256_file(gguf)[:16]
     return _cached(root / f"{source.replace(':', '-')}-{digest}", lambda out: _convert_gguf(gguf, out),
                    {"source": source, "sha256_16": digest})
 
@@ -218,10 +220,3 @@ def _locked(path: Path) -> Iterator[None]:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
