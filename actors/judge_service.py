@@ -32,17 +32,9 @@ class JudgeReplica:
     def __init__(self, source: str, model_name: str, engine_cfg: EngineConfig, dtype: str,
                  cache_dir: str | None) -> None:
         """`source`: the judge model's source, resolved on this replica's node (`mosaic_ray.models.source`)."""
-        from mosaic_ray.actors.engines import make_engine
-        from transformers import AutoTokenizer
-
-        from mosaic_ray.hygiene import set_torch_threads
         from mosaic_ray.judge.llm import EngineChat
-        from mosaic_ray.models.source import resolve_model
 
-        set_torch_threads(engine_cfg.cpu_threads)
-        model_dir = resolve_model(source, cache_dir)
-        self.backend = EngineChat(make_engine(engine_cfg, model_dir, dtype=dtype),
-                                  AutoTokenizer.from_pretrained(model_dir), model=model_name)
+        self.backend = EngineChat.load(source, model_name, engine_cfg, dtype, cache_dir)
 
     async def chat(self, conversations: list[list[dict[str, str]]], max_tokens: int) -> list[str]:
         return await self.backend.chat(conversations, max_tokens)

@@ -150,7 +150,7 @@ class PairBuilder:
             if self.cfg.endpoint is None:
                 raise ValueError("judge.kind: llm needs a judge backend: the run's mosaic-judge Serve app, or "
                                  "judge.endpoint (an OpenAI-compatible server)")
-            backend = HTTPChat(self.cfg.endpoint, self.cfg.model or "default", api_key_env=self.cfg.api_key_env)
+            backend = HTTPChat.from_config(self.cfg)
         self.storage.recover("verdicts")
         cache = VerdictCache(self.storage.read_dataset("verdicts").to_pylist()
                              if self.storage.committed_shards("verdicts") else ())

@@ -152,21 +152,13 @@ def build_judge_from_config(cfg: Any) -> tuple[Judge, Callable[[], None]]:
     if jc.kind == "rubric":
         return RubricJudge(jc.tie_tolerance_tokens), lambda: None
     if jc.endpoint is not None:
-        judge = LLMJudge(HTTPChat(jc.endpoint, jc.model or "default", api_key_env=jc.api_key_env),
-                         max_new_tokens=jc.max_new_tokens)
+        judge = LLMJudge(HTTPChat.from_config(jc), max_new_tokens=jc.max_new_tokens)
         return judge, judge.close
-    from transformers import AutoTokenizer
+    from mosaic_ray.models.source import policy_source
 
-    from mosaic_ray.actors.engines import make_engine
-    from mosaic_ray.hygiene import set_torch_threads
-    from mosaic_ray.models.source import policy_source, resolve_model
-
-    set_torch_threads(cfg.engine.cpu_threads)
-    model_dir = resolve_model(jc.model or policy_source(cfg.model), cfg.model.cache_dir)
-    engine = make_engine(cfg.engine, model_dir, dtype=cfg.model.dtype)
-    name = jc.model or cfg.model.path or "tiny"
-    judge = LLMJudge(EngineChat(engine, AutoTokenizer.from_pretrained(model_dir), model=name),
-                     max_new_tokens=jc.max_new_tokens)
+    chat = EngineChat.load(jc.model or policy_source(cfg.model), jc.model or cfg.model.path or "tiny", cfg.engine,
+                           cfg.model.dtype, cfg.model.cache_dir)
+    judge = LLMJudge(chat, max_new_tokens=jc.max_new_tokens)
     return judge, judge.close
 
 

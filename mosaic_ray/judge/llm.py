@@ -161,6 +161,20 @@ class EngineChat:
     def __init__(self, engine: Any, tokenizer: Any, model: str = "judge", seed: int = 0) -> None:
         self.engine, self.tokenizer, self.model, self.seed = engine, tokenizer, model, seed
 
+    @classmethod
+    def load(cls, source: str, model: str, engine_cfg: Any, dtype: str, cache_dir: str | None = None) -> EngineChat:
+        """The judge model `source` (`mosaic_ray.models.source`), resolved on this node, behind an engine of
+        `engine_cfg.kind` running `engine_cfg.cpu_threads` torch threads."""
+        from transformers import AutoTokenizer
+
+        from mosaic_ray.actors.engines import make_engine  # the engines live with the actors
+        from mosaic_ray.hygiene import set_torch_threads
+        from mosaic_ray.models.source import resolve_model
+
+        set_torch_threads(engine_cfg.cpu_threads)
+        model_dir = resolve_model(source, cache_dir)
+        return cls(make_engine(engine_cfg, model_dir, dtype=dtype), AutoTokenizer.from_pretrained(model_dir), model)
+
     async def chat(self, conversations: Sequence[list[dict[str, str]]], max_tokens: int) -> list[str]:
         from mosaic_ray.actors.engines.base import GenerationRequest, SamplingParams  # the engines' contract
 
@@ -216,6 +230,11 @@ class HTTPChat:
 
     def __repr__(self) -> str:
         return f"HTTPChat(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    @classmethod
+    def from_config(cls, jc: Any) -> HTTPChat:
+        """The server `judge.endpoint` names, asked for `judge.model`, keyed by `judge.api_key_env`."""
+        return cls(jc.endpoint, jc.model or "default", api_key_env=jc.api_key_env)
 
     def _headers(self) -> dict[str, str]:
         if not self.api_key_env:
@@ -340,11 +359,9 @@ class LLMJudge:
         self._count(asked=asked, retries=retried, parse_failures=int(v is None))
         return _label(v)
 
-    async def _verdict(self, brief: TaskBrief, first: JudgedTrajectory, second: JudgedTrajectory) -> float | None:
-        """Verdict with `first` shown as A, from the cache or the model."""
-        shown = [render_trajectory(t, self.max_steps, self.max_chars) for t in (first, second)]
-        task = _digest(brief.request, json.dumps(brief.tools, sort_keys=True))
-        h1, h2 = (_digest(task, s) for s in shown)
+    async def _verdict(self, brief: TaskBrief, first: tuple[str, str], second: tuple[str, str]) -> float | None:
+        """Verdict with `first` shown as A, from the cache or the model; each side is (rendering, content hash)."""
+        (shown1, h1), (shown2, h2) = first, second
         key = f"{self.name}|{PROMPT_VERSION}|{h1}|{h2}"
         label = self.cache.get(key)
         if label is None and key in self._inflight:  # the same question is being asked right now: share it
@@ -352,7 +369,7 @@ class LLMJudge:
         if label is not None:
             self._count(cache_hits=1)
             return _VALUE.get(label)
-        self._inflight[key] = asyncio.ensure_future(self._ask(render_prompt(brief, *shown)))
+        self._inflight[key] = asyncio.ensure_future(self._ask(render_prompt(brief, shown1, shown2)))
         try:
             label = await self._inflight[key]
         finally:
@@ -367,7 +384,10 @@ class LLMJudge:
         if brief is None:
             raise ValueError("LLMJudge.compare: the judge needs the task as the agent saw it (a TaskBrief with "
                              "the user's request and the tool schemas)")
-        v_ab, v_ba = await asyncio.gather(self._verdict(brief, traj_a, traj_b), self._verdict(brief, traj_b, traj_a))
+        task = _digest(brief.request, json.dumps(brief.tools, sort_keys=True))
+        a, b = ((text, _digest(task, text)) for text in
+                (render_trajectory(t, self.max_steps, self.max_chars) for t in (traj_a, traj_b)))
+        v_ab, v_ba = await asyncio.gather(self._verdict(brief, a, b), self._verdict(brief, b, a))
         both = v_ab is not None and v_ba is not None
         inconsistent = both and v_ab != 1.0 - v_ba
         pref = combine_orders(v_ab, v_ba)
