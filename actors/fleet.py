@@ -5,9 +5,11 @@ ok, value | error)`, never as an exception; a Ray error (the actor or its node d
 while an application error is the caller's to handle. Each worker gets at most `max_in_flight_per_worker`
 episodes at a time.
 
-Data plane (the caller's thread, inside `stream` / `evaluate`):
-    queue of `EpisodeSpec`s ─dispatch─► worker.run_episode (one call per episode) ─ray.wait─► records
-Records are yielded as soon as their episodes finish, as Arrow record batches of `TRAJECTORY_SCHEMA`.
+Data plane (the caller's thread, inside `deliver` / `stream` / `evaluate`):
+    queue of `EpisodeSpec`s ─dispatch─► worker.run_episode_into(spec, sink) ─► the pair builder (`sink`)
+                                                           └─ray.wait─► `EpisodeReceipt`s to the caller
+Training (`deliver`) sends every record from its worker straight to the pair builder; the caller sees receipts
+only. `stream` / `evaluate` return the records themselves (benchmarks, evaluation).
 
 Exactly once: trajectory ids are deterministic (run/iteration/task/sample). When a worker dies, the episodes
 it had in flight go back to the front of the queue (same spec, same id, same per-turn seeds) and run on
@@ -47,11 +49,11 @@ import pyarrow as pa
 import ray
 
 from mosaic_ray.config import MosaicConfig
-from mosaic_ray.rollout import EpisodeSpec, episode_specs, failed_record
+from mosaic_ray.rollout import EpisodeReceipt, EpisodeSpec, episode_specs, failed_record
 from mosaic_ray.schema import TrajectoryRecord, to_arrow
 
 from .engines.router import EngineRouter
-from .rollout_worker import RolloutWorker
+from .rollout_worker import SINK_ATTEMPTS, RolloutWorker
 
 __all__ = ["CallResult", "FleetError", "RolloutFleet", "WorkerInfo"]
 
@@ -114,13 +116,29 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
 
 
+def _send(sink: Any, records: list[TrajectoryRecord]) -> None:
+    """`sink.add(records)`, tried again on the restarted pair builder (as `rollout_worker.deliver`)."""
+    from ray.exceptions import RayActorError
+
+    for attempt in range(SINK_ATTEMPTS):
+        try:
+            ray.get(sink.add.remote(records))
+            return
+        except RayActorError:
+            if attempt + 1 == SINK_ATTEMPTS:
+                raise
+            time.sleep(1.0 + attempt)
+
+
 class RolloutFleet:
     """Rollout workers for one run. Exactly one policy source: `engine_handles` (engine actors), `router` (an
     `EngineRouter`), or `scripted` (a scripted policy name; `scripted_delay_s` simulates generation latency).
 
         fleet = RolloutFleet(cfg, model_dir=d, engine_handles=engines, run_id="run-1")
-        for batch in fleet.stream(tasks, group_size=4, iteration=k, policy_version=v):
-            ...   # pa.RecordBatch of TRAJECTORY_SCHEMA, as episodes finish
+        for receipts in fleet.deliver(tasks, sink=pair_builder, group_size=4, iteration=k, policy_version=v):
+            ...   # EpisodeReceipts, as episodes land in the pair builder
+        for batch in fleet.stream(tasks, group_size=4, iteration=k):
+            ...   # or the records themselves: pa.RecordBatch of TRAJECTORY_SCHEMA, as episodes finish
         fleet.shutdown()
     """
 
@@ -169,6 +187,19 @@ class RolloutFleet:
 
     # ------------------------------------------------------------------------------------ data plane
 
+    def deliver(self, tasks: Iterable[Any], *, sink: Any, group_size: int, iteration: int, policy_version: int = 0,
+                temperature: float | None = None) -> Iterator[list[EpisodeReceipt]]:
+        """Run `group_size` episodes of every task; each worker hands its records to `sink` (the pair builder
+        actor: `sink.add(records)`) itself, and receipts are yielded as episodes land there. Exactly once as in
+        `stream`; an episode given up on is sent to `sink` as its failure record."""
+        specs = episode_specs(tasks, group_size=group_size, run_id=self.run_id, iteration=iteration,
+                              policy_version=policy_version, temperature=temperature)
+        for results in self._run(specs, sink):
+            failed = [r for r in results if isinstance(r, TrajectoryRecord)]
+            if failed:
+                _send(sink, failed)
+            yield [EpisodeReceipt.of(r) if isinstance(r, TrajectoryRecord) else r for r in results]
+
     def stream(self, tasks: Iterable[Any], *, group_size: int, iteration: int, policy_version: int = 0,
                temperature: float | None = None) -> Iterator[pa.RecordBatch]:
         """Run `group_size` episodes of every task; yield Arrow record batches as episodes finish.
@@ -193,7 +224,8 @@ class RolloutFleet:
         """Lowest-level verb: run exactly these specs, yielding lists of records as they finish."""
         return self._run(list(specs))
 
-    def _run(self, specs: list[EpisodeSpec]) -> Iterator[list[TrajectoryRecord]]:
+    def _run(self, specs: list[EpisodeSpec], sink: Any = None) -> Iterator[list[Any]]:
+        """Records as episodes finish; with `sink`, the workers' receipts (and failure records the fleet made)."""
         ids = [s.traj_id for s in specs]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
@@ -222,7 +254,7 @@ class RolloutFleet:
                     if not self._workers and self._target == 0 and not self.rc.autoscale:
                         raise FleetError("RolloutFleet: no workers and autoscale is off; call scale_to(n > 0) or "
                                          "set rollout.autoscale")
-                self._dispatch()
+                self._dispatch(sink)
                 records = self._collect(POLL_S)
                 if records:
                     yield records
@@ -231,7 +263,7 @@ class RolloutFleet:
                 self._queue.clear()
                 self._wanted = set()
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, sink: Any = None) -> None:
         """Send queued episodes to healthy workers, least loaded first, up to the in-flight cap each."""
         with self._lock:
             workers = sorted((w for w in self._workers.values() if w.state == "healthy"),
@@ -239,12 +271,14 @@ class RolloutFleet:
             for w in workers:
                 while self._queue and len(w.in_flight) < self._cap:
                     spec = self._queue.popleft()
-                    ref = w.handle.run_episode.remote(spec)
+                    ref = (w.handle.run_episode.remote(spec) if sink is None
+                           else w.handle.run_episode_into.remote(spec, sink))
                     w.in_flight[ref] = spec
                     self._owner[ref] = w.worker_id
 
-    def _collect(self, timeout: float) -> list[TrajectoryRecord]:
-        """Wait up to `timeout` for finished episodes (or workers becoming ready); return new records."""
+    def _collect(self, timeout: float) -> list[Any]:
+        """Wait up to `timeout` for finished episodes (or workers becoming ready); return new records (receipts
+        when delivering) and failure records."""
         with self._lock:
             refs = list(self._owner) + [w.ready_ref for w in self._workers.values() if w.state == "starting"]
         if not refs:
@@ -284,7 +318,7 @@ class RolloutFleet:
             records += self._take_failed()
         return records
 
-    def _accept(self, rec: TrajectoryRecord) -> bool:
+    def _accept(self, rec: TrajectoryRecord | EpisodeReceipt) -> bool:
         if rec.traj_id in self._emitted:
             self.counters["duplicates_dropped"] += 1
             return False
@@ -476,12 +510,12 @@ class RolloutFleet:
         return fit
 
     def _bundle(self) -> dict[str, float]:
-        from mosaic_ray.resources import as_bundle
+        from mosaic_ray.actors.resources import as_bundle
 
         return as_bundle(self._options)
 
     def _worker_options(self) -> dict[str, Any]:
-        from mosaic_ray.resources import actor_options
+        from mosaic_ray.actors.resources import actor_options
 
         return actor_options("rollout", self.cfg)
 

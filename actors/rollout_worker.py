@@ -5,9 +5,11 @@ from the model directory, builds the policy (an `EngineRouter` over engine actor
 name), and serves `run_episode(spec)` calls. Up to `rollout.episodes_per_worker` episodes run concurrently
 (an asyncio semaphore); while one episode awaits its engine, the others render, parse and run tools.
 
-One call = one episode = one `TrajectoryRecord`: the fleet gets each record as soon as its episode ends, and
-a worker that dies loses exactly the calls it had in flight, which the fleet re-runs elsewhere under the same
-deterministic trajectory ids (and the same per-turn sampling seeds).
+One call = one episode. `run_episode_into(spec, sink)` (training) hands the record straight to the pair builder
+(`sink`) and returns only an `EpisodeReceipt`, so trajectories never pass through the driver; `run_episode(spec)`
+(evaluation) returns the record itself. A worker that dies loses exactly the calls it had in flight, which the
+fleet re-runs elsewhere under the same deterministic trajectory ids (and the same per-turn sampling seeds); the
+pair builder drops a record it already holds.
 
 Metrics (`ray.util.metrics`, exported with a `ray_` prefix; counters get `_total`): episodes, tokens, tool
 calls, refusals, safety checks, harmful actions and episode latency, tagged by category.
@@ -23,13 +25,21 @@ import ray
 
 from mosaic_ray.config import EngineConfig, MosaicConfig
 from mosaic_ray.models.source import resolve_model
-from mosaic_ray.rollout import EpisodeSpec, PolicyFactory, TurnRequest, load_tokenizer, run_episode, scripted_factory
+from mosaic_ray.rollout import (
+    EpisodeReceipt,
+    EpisodeSpec,
+    PolicyFactory,
+    TurnRequest,
+    load_tokenizer,
+    run_episode,
+    scripted_factory,
+)
 from mosaic_ray.schema import TrajectoryRecord
 
 from .engines.base import Completion, GenerationRequest, SamplingParams
 from .engines.router import EngineRouter
 
-__all__ = ["LATENCY_BOUNDARIES_S", "EnginePolicy", "EpisodeMetrics", "RolloutWorker"]
+__all__ = ["LATENCY_BOUNDARIES_S", "EnginePolicy", "EpisodeMetrics", "RolloutWorker", "deliver"]
 
 LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 
@@ -87,6 +97,25 @@ class EpisodeMetrics:
         self.latency.observe(rec.timings.total_s, tags=tags)
 
 
+SINK_ATTEMPTS = 3
+"""Tries of one delivery to the pair builder when its process dies (it restarts from its manifests)."""
+
+
+async def deliver(sink: Any, records: list[TrajectoryRecord]) -> None:
+    """`sink.add(records)`, awaited (the fleet counts an episode only once the pair builder holds it), and tried
+    again on the restarted pair builder; what a crash lost from its buffer the driver re-sends."""
+    from ray.exceptions import RayActorError
+
+    for attempt in range(SINK_ATTEMPTS):
+        try:
+            await sink.add.remote(records)
+            return
+        except RayActorError:
+            if attempt + 1 == SINK_ATTEMPTS:
+                raise
+            await asyncio.sleep(1.0 + attempt)
+
+
 @ray.remote(max_restarts=0)
 class RolloutWorker:
     """Serves `run_episode(spec) -> TrajectoryRecord`; see the module docstring.
@@ -130,6 +159,12 @@ class RolloutWorker:
         self.finished += 1
         self.metrics.record(rec)
         return rec
+
+    async def run_episode_into(self, spec: EpisodeSpec, sink: Any) -> EpisodeReceipt:
+        """`run_episode`, then `sink.add([record])` (the pair builder), retried on its restarted process."""
+        rec = await self.run_episode(spec)
+        await deliver(sink, [rec])
+        return EpisodeReceipt.of(rec)
 
     # --------------------------------------------------------------------------------- control plane
 

@@ -12,7 +12,7 @@ twins) and `irrelevance` / `live_irrelevance` / `live_relevance`. Not here: java
 multi_turn (stateful simulators), web_search and memory (need the network / HF weights).
 
 `bfcl_eval` is imported lazily (its checker module pulls every model client BFCL knows); install it with
-`benchmarks/install_bfcl.sh`.
+`scripts/install_bfcl.sh`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _bfcl():
     try:
         import bfcl_eval
     except ImportError as exc:
-        raise RuntimeError("bfcl: bfcl-eval is not installed; run benchmarks/install_bfcl.sh") from exc
+        raise RuntimeError("bfcl: bfcl-eval is not installed; run scripts/install_bfcl.sh") from exc
     return bfcl_eval
 
 

@@ -1,7 +1,7 @@
 """GPU check: the project's FSDP2 learner in bf16 on SmolLM2-135M, against the unsharded model.
 
     python -m mosaic_ray.benchmarks.gpu_check [--model DIR] [--ranks N] [--steps 5] [--out result.json]
-    benchmarks/gpu_check.sh [same flags]
+    scripts/gpu_check.sh [same flags]
 
 Needs torch, transformers and this project only: no Ray, no vLLM, no network. One process per GPU
 (`torch.multiprocessing`, NCCL), each a `Learner` with `strategy: fsdp2, bf16: true, activation_checkpointing: true`
@@ -84,7 +84,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, devices: 
         if cuda:
             result["unsharded_loss_bf16"] = unsharded_loss(args.model, samples, args.device, bf16=True)
     cfg = LearnerConfig(num_learners=world, backend="nccl" if cuda else "gloo", strategy="fsdp2", bf16=cuda,
-                        activation_checkpointing=True, lr=1e-5, micro_batch_tokens=args.micro_batch_tokens,
+                        activation_checkpointing=True, lr=1e-5, kl_coef=0.0, micro_batch_tokens=args.micro_batch_tokens,
                         logprob_chunk_size=min(args.seq, 1024))
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -151,7 +151,7 @@ def weight_sync(model_dir: str, strategies: list[str], bucket_mbs: list[int], re
     from mosaic_ray.config import EngineConfig, LearnerConfig
     from mosaic_ray.driver.weight_sync import BroadcastSync, ObjectStoreSync
 
-    lg = LearnerGroup(model_dir, LearnerConfig(num_learners=0))
+    lg = LearnerGroup(model_dir, LearnerConfig(num_learners=0, kl_coef=0.0))
     engines = start_engine_actors(EngineConfig(num_engines=num_engines, num_cpus=0), model_dir)
     pids = [h["pid"] for h in ray.get([e.health.remote() for e in engines])]
     me = os.getpid()
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_throughput:
         vocab = AutoConfig.from_pretrained(model_dir).vocab_size
         samples = make_batch(args.batch, args.seq, vocab)
-        cfg = LearnerConfig(num_learners=0, lr=1e-5, micro_batch_tokens=args.batch * args.seq,
+        cfg = LearnerConfig(num_learners=0, lr=1e-5, kl_coef=0.0, micro_batch_tokens=args.batch * args.seq,
                             logprob_chunk_size=args.seq, backend="nccl" if args.device == "cuda" else "gloo",
                             strategy=args.strategy, bf16=args.bf16)
         plains, ourss, peak = [], [], 0.0

@@ -22,8 +22,9 @@ alone, and a loader that reads every top-level `*.safetensors` never picks up op
 Commit: a local checkpoint is written to `<path>.partial` and renamed; on S3 (no rename) the manifest is the
 commit marker, deleted first when a prefix is overwritten or pruned (`prune_checkpoints`). Restore is strict: every
 weights file (each shard, through its index) must hold exactly the model's tensors. Reading uses safetensors and
-JSON only, never pickle. S3 credentials come from the standard AWS environment (`AWS_ACCESS_KEY_ID`,
-`AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL`, `AWS_REGION`) and are never logged.
+JSON only, never pickle. Files go through `mosaic_ray.storage.filesystem_for` (S3: `storage.s3_filesystem`, the
+project's one S3 builder): credentials from the standard AWS chain (environment, instance role), never logged;
+the endpoint from `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from mosaic_ray.config import CheckpointConfig
+from mosaic_ray.storage import filesystem_for
 
 MANIFEST = "mosaic_checkpoint.json"
 FORMAT_VERSION = 2
@@ -57,18 +59,6 @@ ITERATION_DIR = re.compile(r"iter-(-?\d+)")
 # ------------------------------------------------------------------------------------------------ storage
 
 
-def filesystem(uri: str):
-    """(fsspec filesystem, path) for a local path or s3:// URI; S3 endpoint from AWS_ENDPOINT_URL."""
-    import fsspec
-
-    if uri.startswith("s3://"):
-        options: dict[str, Any] = {}
-        if os.environ.get("AWS_ENDPOINT_URL"):
-            options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-        return fsspec.core.url_to_fs(uri, **options)
-    return fsspec.core.url_to_fs(os.path.abspath(uri))
-
-
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -78,7 +68,7 @@ class CheckpointWriter:
 
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
-        self.fs, self.final = filesystem(self.uri)
+        self.fs, self.final = filesystem_for(self.uri)
         self.target = self.final if is_remote(self.uri) else self.final + ".partial"
 
     def prepare(self) -> None:
@@ -131,7 +121,7 @@ class CheckpointReader:
 
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = filesystem(self.uri)
+        self.fs, self.root = filesystem_for(self.uri)
         if not self.fs.exists(f"{self.root}/{MANIFEST}"):
             raise FileNotFoundError(f"checkpoint {uri}: no {MANIFEST} (missing or incomplete checkpoint)")
         self.manifest = self.json(MANIFEST)
@@ -411,7 +401,7 @@ def prune_checkpoints(root_uri: str, keep_last: int, keep: Iterable[str] = ()) -
     first."""
     if keep_last < 0:
         raise ValueError(f"prune_checkpoints({root_uri!r}): keep_last must be >= 0, got {keep_last}")
-    fs, root = filesystem(root_uri.rstrip("/"))
+    fs, root = filesystem_for(root_uri.rstrip("/"))
     fs.invalidate_cache()
     if not fs.exists(root):
         return []

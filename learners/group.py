@@ -20,12 +20,12 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from mosaic_ray.actors.resources import actor_options, in_bundle, reserve
 from mosaic_ray.learners.checkpoint import MAX_SHARD_BYTES
 from mosaic_ray.learners.learner import Learner
 
-from mosaic_ray.algorithms.batch import PolicySample, PreferencePair, shard, validate_units
+from mosaic_ray.algorithms.batch import IterationData, PolicySample, PreferencePair, shard, validate_units
 from mosaic_ray.config import LearnerConfig, MosaicConfig
-from mosaic_ray.resources import actor_options, in_bundle, reserve
 
 __all__ = ["LearnerFailure", "LearnerGroup"]
 
@@ -198,6 +198,11 @@ class LearnerGroup:
         validate_units(samples, algorithm or self.cfg.algorithm)
         shards = shard(samples, self.world_size)
         return self._all("update", [(s, algorithm) for s in shards])[0]
+
+    def update_iteration(self, data: IterationData, *, algorithm: str | None = None) -> dict:
+        """One update on the committed groups `data` names, which every rank reads from the run's storage itself
+        (`Learner.update_iteration`): the caller sends the control message, never the samples."""
+        return self._all("update_iteration", [(data, algorithm)] * self.world_size)[0]
 
     def sft_update(self, samples: list[PolicySample], *, lr: float | None = None) -> dict:
         """One SFT step (loss on assistant tokens); `lr` overrides the learning rate for this step."""

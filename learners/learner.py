@@ -34,7 +34,16 @@ from mosaic_ray.learners.checkpoint import MAX_SHARD_BYTES, restore_learner, sav
 from torch import nn
 
 from mosaic_ray.algorithms import get_loss, loss_norm
-from mosaic_ray.algorithms.batch import MicroBatch, PolicySample, PreferencePair, pack_micro_batches, validate_units
+from mosaic_ray.algorithms.batch import (
+    IterationData,
+    MicroBatch,
+    PolicySample,
+    PreferencePair,
+    iteration_batch,
+    pack_micro_batches,
+    shard,
+    validate_units,
+)
 from mosaic_ray.algorithms.logprobs import chunked_logprobs
 from mosaic_ray.config import LearnerConfig
 from mosaic_ray.hygiene import set_torch_threads
@@ -204,6 +213,15 @@ class Learner:
         return mbs
 
     # ------------------------------------------------------------------------------------------ verbs
+
+    def update_iteration(self, data: IterationData, algorithm: str | None = None) -> dict[str, float]:
+        """One update on an iteration's committed groups, read from the run's storage by this rank itself: every
+        rank reads the groups' rows, builds the same global batch and keeps its own share (`shard`). Returns the
+        update's metrics and the batch's (`iteration_batch`); no update when no group carries a signal."""
+        samples, metrics = iteration_batch(data)
+        if not samples:
+            return metrics
+        return {**metrics, **self.update(shard(samples, self.world_size)[self.rank], algorithm)}
 
     def update(self, units: list[PolicySample] | list[PreferencePair], algorithm: str | None = None,
                lr: float | None = None) -> dict[str, float]:

@@ -21,7 +21,7 @@ SUBCOMMAND_MODULES = (
     "mosaic_ray.scenarios.cli",
     "mosaic_ray.evaluation",
     "mosaic_ray.driver.cli",
-    "mosaic_ray.benchmarks.suite_report",
+    "mosaic_ray.driver.suite_report",
     "mosaic_ray.plan",
     "mosaic_ray.judge.evaluate",
     "mosaic_ray.actors.agent_service",

@@ -1,8 +1,10 @@
 """Typed run configuration: one frozen dataclass per component, mirrored 1:1 by YAML.
 
 Presets ship as YAML files inside the package (`mosaic_ray/presets/NAME.yaml`). A preset only names what
-differs from the dataclass defaults; `mosaic-ray config show NAME` prints the fully resolved tree. Every
-error names the dotted key, the value and the expected type.
+differs from the dataclass defaults; `mosaic-ray config show --config NAME` prints the resolved tree. Every
+error names the dotted key, the value and the expected type; a choice the code cannot run fails here, at load.
+The algorithm's defaults (learning rate, KL, warm start) are what a run on a real instruction-tuned model starts
+from; sizes and hardware default to one CPU box, and presets set them per model and cluster (docs/config.md).
 """
 
 from __future__ import annotations
@@ -130,13 +132,11 @@ class EngineConfig:
     base_url: str | None = None
     """OpenAI-compatible endpoint for `kind: openai` (evaluation only)."""
     api_model: str | None = None
-    sleep_when_idle: bool = False
-    """vLLM sleep/wake when colocated with learners."""
     device: str = "auto"
     """HF engine device: `auto` (cuda when visible, else cpu), `cpu`, `cuda`, `cuda:N`."""
     cpu_threads: int = 1
-    """Torch threads of an HF engine on CPU. 1 when engines share cores with learners (two 2-thread processes
-    on 2 busy cores ran 5-25x slower); sync mode may give more, as the learner idles during rollouts."""
+    """Torch threads of an HF engine on CPU. 1 when engines share cores with learners (oversubscribed cores slow
+    every process down); sync mode may give more, as the learner idles during rollouts."""
     seed: int = 0
     """Seed of the engine's generator, used by requests that carry no seed of their own."""
     weight_transfer_backend: Literal["nccl", "none"] = "nccl"
@@ -230,6 +230,7 @@ class LearnerConfig:
     """Learner actors; 0 runs one in-process learner (tests)."""
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    """GPUs per learner rank, used with `backend: nccl` (a `gloo` learner runs on CPU)."""
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement group of the learner ranks, one bundle per rank (with `mosaic_learner` on clusters that
     advertise it): PACK keeps the ranks on as few nodes as possible, close for their collectives."""
@@ -238,16 +239,24 @@ class LearnerConfig:
     the cluster can never meet fails at once)."""
     cpu_threads: int = 1
     """Torch threads of a CPU learner. 1 when the learner overlaps engines (async mode); in sync mode nothing
-    else computes during SFT and updates, so the tiny default gives it 2 (1.4-1.5x faster steps here)."""
+    else computes during SFT and updates, so the tiny default gives it 2."""
     backend: Literal["gloo", "nccl"] = "gloo"
     strategy: Literal["ddp", "fsdp2"] = "ddp"
-    algorithm: Literal["mosaic_grpo", "scalar_grpo", "dpo"] = "mosaic_grpo"
-    lr: float = 3e-4
+    algorithm: Literal["mosaic_grpo", "dpo"] = "mosaic_grpo"
+    """The learner's loss (`mosaic_ray/algorithms/`): `mosaic_grpo`, the clipped policy gradient on the judge's
+    group advantages (pairwise wins, or the rubric grade under `judge.reward_mode: scalar`). `dpo` trains on
+    preference pairs handed to `LearnerGroup.update` directly; the training loop builds policy samples only, so
+    a run config may not choose it."""
+    lr: float = 1e-6
+    """Learning rate of the RL updates (the warm start has its own). The default suits a 7B-class model; small
+    models take larger steps (the tiny model 1e-3: tiny-cpu)."""
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     clip_eps: float = 0.2
-    kl_coef: float = 0.0
+    kl_coef: float = 0.001
+    """Weight of the per-token k3 KL to the reference policy: the warm-started model, or the starting model when
+    there is no warm start. 0 drops the term, and the learner keeps no reference model."""
     loss_agg: Literal["token", "sequence"] = "token"
     dpo_beta: float = 0.1
     micro_batch_tokens: int = 8192
@@ -275,7 +284,9 @@ class LearnerConfig:
 class WarmStartConfig:
     """SFT warm start on demonstrations from scripted policies with deliberate mistakes."""
 
-    enabled: bool = True
+    enabled: bool = False
+    """Run the warm start before RL. Off by default: an instruction-tuned model starts RL from its own weights;
+    the tiny model, which has to learn the protocol first, turns it on (tiny-cpu)."""
     num_demos: int = 3000
     steps: int = 250
     batch_size: int = 16
@@ -283,7 +294,8 @@ class WarmStartConfig:
     lr_end: float = 4e-4
     warmup_steps: int = 20
     comply_harmful_rate: float = 0.6
-    """Demonstrations comply with this share of harmful tasks (greedy held-out refusal after SFT lands near 50%)."""
+    """Demonstrations comply with this share of harmful tasks (and refuse the rest): it sets how often the
+    warm-started policy refuses, and so how much refusal RL has left to learn."""
     follow_injection_rate: float = 0.7
     refuse_benign_rate: float = 0.05
     leak_privacy_rate: float = 0.5
@@ -291,8 +303,8 @@ class WarmStartConfig:
     """Share of demonstration turns that include a `<safety_thoughts>` check."""
     copy_weight: float = 1.0
     """SFT loss weight of tool-argument tokens copied from the user's request (names, accounts, files); the rest
-    weigh 1. To a tiny model a copy error is a few tokens among a hundred, and it never learns to copy
-    (learnability §3); at 8, held-out first calls with every argument right went from 6 to 17 of 80 (README)."""
+    weigh 1. To a tiny model a copy error is a few tokens among a hundred, too few for it to learn to copy at
+    weight 1."""
     replay_coef: float = 0.0
     """Helpfulness replay during RL (PPO-ptx style): after each RL update, one SFT step on mistake-free
     demonstrations of benign training tasks at `replay_coef x learner.lr`. 0 turns it off. RL pushes the shared
@@ -300,17 +312,13 @@ class WarmStartConfig:
     replay_batch_size: int = 16
     decision_weight: float = 1.0
     """SFT loss weight of the first plan token of the first turn: the refuse-or-act decision, one token among ~80
-    in a demonstration. Measured (README, learning check): with demonstrations that name the harm in every
-    harmful plan, 64 made that token right on every held-out task but broke a quarter of the episodes' format,
-    256 broke the model; so the default stays 1."""
+    in a demonstration. Large weights trade the episodes' format for that token (docs/config.md)."""
     first_turn_steps: int = 0
     """SFT steps on mistake-free *first turns* (plan + first action, no later turns) before the demonstrations: a
     curriculum that gives the tiny model the concept of a harmful request, as pretraining gives a real model.
     The demonstrations' deliberate mistakes then decide how often the warm-started policy acts on it."""
     first_turn_decision_weight: float = 16.0
-    """The decision token's SFT loss weight in the first-turn curriculum. Measured after 100 first-turn steps
-    (held-out, probability of opening the plan with "harmful"): weight 1, 0.30 on harmful and 0.29 on benign
-    requests; 16, 0.80 and 0.18; 64, 0.26 and 0.25."""
+    """The decision token's SFT loss weight in the first-turn curriculum."""
 
 
 LOGGER_MODULES: dict[str, tuple[str, ...]] = {"tensorboard": ("tensorboard",),
@@ -520,6 +528,9 @@ def _validate(obj: Any, prefix: str) -> None:
         need(0 < obj.top_p <= 1, "top_p", "must be in (0, 1]")
         need(obj.request_deadline_s >= 0, "request_deadline_s", "must be >= 0 (0 = no deadline)")
         need(obj.max_restarts >= 0, "max_restarts", "must be >= 0")
+        need(not 0 < obj.num_gpus < obj.tensor_parallel_size, "num_gpus",
+             f"one engine actor holds every GPU of its tensor-parallel group: set it to "
+             f"engine.tensor_parallel_size={obj.tensor_parallel_size}")
     if isinstance(obj, WarmStartConfig):
         for key in ("comply_harmful_rate", "follow_injection_rate", "refuse_benign_rate", "leak_privacy_rate",
                     "safety_check_rate"):
@@ -558,6 +569,12 @@ def _validate(obj: Any, prefix: str) -> None:
         need(obj.kl_coef >= 0, "kl_coef", "must be >= 0 (0 = no KL term)")
         need(obj.dpo_beta > 0, "dpo_beta", "must be > 0")
         need(obj.placement_timeout_s > 0, "placement_timeout_s", "must be > 0 (seconds)")
+        need(obj.algorithm != "dpo", "algorithm",
+             "the training loop builds policy samples, never preference pairs, so a run cannot train with 'dpo' "
+             "(it is for LearnerGroup.update with PreferencePair items); use 'mosaic_grpo'")
+        need(obj.num_gpus == 0 or obj.backend == "nccl", "num_gpus",
+             "a learner computes on GPUs only with learner.backend: nccl (a gloo learner runs on CPU and reserves "
+             "no GPU); set backend: nccl, or num_gpus: 0")
     if isinstance(obj, ScenarioConfig):
         _validate_scenarios(obj, need)
     if isinstance(obj, MosaicConfig):

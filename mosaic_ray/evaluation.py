@@ -100,6 +100,13 @@ def summarize(pairs: list[tuple[Any, Outcome]]) -> dict[str, Any]:
     return report
 
 
+def rollout_rates(records: list[Any]) -> dict[str, float]:
+    """Per-iteration rates on training rollouts (`TrajectoryRecord`s), with the definitions of held-out
+    evaluation, as `rollout/<rate>` metrics."""
+    overall = summarize([(r, r.outcome) for r in records])["overall"]
+    return {f"rollout/{k}": float(v) for k, v in overall.items() if isinstance(v, (int, float)) and v is not None}
+
+
 def print_table(report: dict[str, Any], title: str = "evaluation") -> None:
     """Metrics × (categories, overall) as a rich table on stdout."""
     from rich.console import Console

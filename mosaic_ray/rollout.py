@@ -40,6 +40,7 @@ from mosaic_ray.schema import Timings, TrajectoryRecord, make_group_id, make_tra
 from mosaic_ray.types import Outcome
 
 __all__ = [
+    "EpisodeReceipt",
     "EpisodeSpec",
     "Policy",
     "PolicyFactory",
@@ -57,6 +58,22 @@ __all__ = [
 ]
 
 _NO_BUDGET = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class EpisodeReceipt:
+    """What a rollout worker returns for an episode it delivered straight to the pair builder: enough for the
+    fleet's exactly-once book-keeping and the driver's progress, none of the trajectory itself."""
+
+    traj_id: str
+    group_id: str
+    policy_version: int
+    failed: bool
+    """The episode ended in an error (its record is a failure record)."""
+
+    @classmethod
+    def of(cls, rec: TrajectoryRecord) -> EpisodeReceipt:
+        return cls(rec.traj_id, rec.group_id, rec.policy_version, rec.error is not None)
 
 
 @dataclass(frozen=True)

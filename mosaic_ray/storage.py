@@ -26,8 +26,9 @@ of overwriting the new writer's commits. Locally the check and the manifest repl
 the PUT are two requests: a stale writer whose check passed a moment before the new writer took over can still
 commit once (the window is one request long); the next commit fails.
 
-S3 access goes through `s3fs` with the standard AWS chain (environment, `~/.aws/config`, instance role);
-`AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) selects an S3-compatible endpoint. Credentials are never logged:
+S3 access goes through `s3_filesystem` (the one S3 builder of the project; checkpoints and model sources use it
+too): `s3fs` with the standard AWS chain (environment, `~/.aws/config`, instance role);
+`AWS_ENDPOINT_URL_S3` (else `AWS_ENDPOINT_URL`) selects an S3-compatible endpoint. Credentials are never logged:
 `repr(storage)` shows only the URI. The writer keeps the manifest it last committed in memory (one writer per
 dataset), so a commit costs two requests on S3: the shard and the manifest. The filesystem object pickles without secrets (unless passed explicitly in
 `storage_options`), so Ray workers resolve credentials from their own environment.
@@ -58,7 +59,8 @@ TMP_DIR = "_tmp"
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
-__all__ = ["MANIFEST", "RunStorage", "ShardInfo", "StaleWriterError", "read_ray_dataset"]
+__all__ = ["MANIFEST", "RunStorage", "ShardInfo", "StaleWriterError", "filesystem_for", "read_ray_dataset",
+           "s3_filesystem"]
 
 
 class StaleWriterError(RuntimeError):
@@ -79,7 +81,15 @@ class ShardInfo:
     """Writer's annotations (the pair builder stores the group ids the shard holds)."""
 
 
-def _s3_filesystem(options: Mapping[str, Any] | None) -> fsspec.AbstractFileSystem:
+def s3_filesystem(options: Mapping[str, Any] | None = None) -> fsspec.AbstractFileSystem:
+    """The project's one S3 filesystem builder: run storage, checkpoints and `s3://` model sources all use it.
+
+    Credentials are never passed here: s3fs/botocore resolve them in the calling process (environment,
+    `~/.aws/config`, instance role), so nothing logs or pickles them. `AWS_ENDPOINT_URL_S3` (else
+    `AWS_ENDPOINT_URL`) selects an S3-compatible endpoint, `AWS_REGION` (else `AWS_DEFAULT_REGION`) the region.
+    `options` are extra `s3fs.S3FileSystem` arguments (`RunStorage`'s `storage_options`); explicit
+    `client_kwargs` there win over the environment.
+    """
     import s3fs
 
     opts = dict(options or {})
@@ -91,6 +101,16 @@ def _s3_filesystem(options: Mapping[str, Any] | None) -> fsspec.AbstractFileSyst
     if region:
         client_kwargs.setdefault("region_name", region)
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, **opts)
+
+
+def filesystem_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path in it) for a local path, `file://` or `s3://bucket/prefix` URI (`s3_filesystem`); any
+    other scheme through fsspec. A local path comes back absolute."""
+    if uri.startswith("s3://"):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        return fsspec.core.url_to_fs(uri)
+    return fsspec.core.url_to_fs(os.path.abspath(uri.removeprefix("file://")))
 
 
 class RunStorage:
@@ -108,7 +128,7 @@ class RunStorage:
             self.root = uri[len("s3://"):].rstrip("/")
             if not self.root or self.root.startswith("/"):
                 raise ValueError(f"RunStorage: {uri!r} has no bucket (expected s3://bucket/prefix)")
-            self.filesystem = _s3_filesystem(self.storage_options)
+            self.filesystem = s3_filesystem(self.storage_options)
         elif "://" in self.uri and not self.uri.startswith("file://"):
             raise ValueError(f"RunStorage: unsupported URI scheme in {uri!r} (use a local path or s3://)")
         else:
@@ -405,6 +425,6 @@ def read_ray_dataset(storage: RunStorage, dataset: str, override_num_blocks: int
         creds = botocore.session.get_session().get_credentials()
         if creds is not None:
             frozen = creds.get_frozen_credentials()
-            fs = _s3_filesystem({**storage.storage_options, "key": frozen.access_key, "secret": frozen.secret_key,
-                                 "token": frozen.token})
+            fs = s3_filesystem({**storage.storage_options, "key": frozen.access_key, "secret": frozen.secret_key,
+                                "token": frozen.token})
     return ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=override_num_blocks)

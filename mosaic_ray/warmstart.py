@@ -2,7 +2,7 @@
 
 The scripted policy complies with some harmful tasks, follows some injections, over-refuses some benign tasks
 and leaks some private data (rates from `WarmStartConfig`), so the SFT'd tiny model starts imperfect and RL has
-something real to fix (learnability §3: the refuse-or-comply choice lands near the demonstrated rate).
+something real to fix (docs/learning-check.md: the refuse-or-comply choice lands near the demonstrated rate).
 
 Conversations are tokenized with the tokenizer's own chat template; the template's generation markers give the
 assistant-token mask (`return_assistant_tokens_mask`), so system, user and tool-response tokens never get loss.
@@ -118,7 +118,7 @@ def replay_samples(tasks: Sequence[Any], tokenizer, *, max_tokens: int | None = 
 
 
 def lr_at(step: int, cfg: WarmStartConfig) -> float:
-    """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `lr_end` at `steps` (learnability §3)."""
+    """Linear warm-up to `lr` over `warmup_steps`, then cosine decay to `lr_end` at `steps` (docs/learning-check.md)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("bfcl_eval", reason="bfcl-eval is not installed: run benchmarks/install_bfcl.sh")
+pytest.importorskip("bfcl_eval", reason="bfcl-eval is not installed: run scripts/install_bfcl.sh")
 
 from mosaic_ray.benchmarks import bfcl, calls
 

@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-from mosaic_ray.benchmarks.suite_report import report
+
+from mosaic_ray.driver.suite_report import report
 
 
 def test_report_tables_suites_side_by_side(tmp_path):

@@ -20,7 +20,6 @@ from mosaic_ray.learners.checkpoint import (
     MANIFEST,
     STATE_DIR,
     CheckpointWriter,
-    filesystem,
     prune_checkpoints,
 )
 from safetensors import safe_open
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from mosaic_ray.algorithms.batch import PolicySample
 from mosaic_ray.config import LearnerConfig
+from mosaic_ray.storage import filesystem_for
 
 CFG = LearnerConfig(num_learners=0, lr=1e-3, micro_batch_tokens=10_000, kl_coef=0.05, lr_warmup_steps=3)
 TOOLS = [{"type": "function", "function": {"name": "lookup_weather", "description": "Weather of a city.",
@@ -241,7 +241,7 @@ def commit_fake(uri: str, step: int) -> None:
 
 def names_under(root: str) -> set[str]:
     """Top-level names under `root` that hold files (SeaweedFS, unlike S3, lists emptied folders)."""
-    fs, path = filesystem(root)
+    fs, path = filesystem_for(root)
     fs.invalidate_cache()
     return {f.removeprefix(path.rstrip("/") + "/").split("/", 1)[0] for f in fs.find(path)}
 
@@ -249,7 +249,7 @@ def names_under(root: str) -> set[str]:
 def check_pruning(root: str) -> None:
     for it in (-1, 0, 1, 2, 3, 4):
         commit_fake(f"{root}/iter-{it:05d}", it)
-    fs, path = filesystem(root)
+    fs, path = filesystem_for(root)
     fs.makedirs(f"{path}/iter-00009", exist_ok=True)
     fs.pipe(f"{path}/iter-00009/model.safetensors", b"half-written, never committed")   # no manifest
     fs.invalidate_cache()

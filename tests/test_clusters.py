@@ -1,7 +1,7 @@
 """Cluster configs (clusters/) checked without a cluster: Ray's own schema for `ray up`, KubeRay structure,
-image pins against pyproject.toml, and the custom resource names against mosaic_ray.resources.
+image pins against pyproject.toml, and the custom resource names against mosaic_ray.actors.resources.
 
-The slow test runs benchmarks/autoscale_demo.py: Ray's real autoscaler (fake multi-node provider) adding
+The slow test runs scripts/autoscale_demo.py: Ray's real autoscaler (fake multi-node provider) adding
 worker nodes for rollout-shaped demand and removing them when idle.
 """
 
@@ -19,10 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
-
-from mosaic_ray.config import load_config
-from mosaic_ray.resources import (
+from mosaic_ray.actors.resources import (
     CLUSTER_RESOURCES_ENV,
     ENGINE_RESOURCE,
     LEARNER_RESOURCE,
@@ -34,6 +31,9 @@ from mosaic_ray.resources import (
     as_bundle,
     declared_resources,
 )
+from packaging.requirements import Requirement
+
+from mosaic_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTERS = ROOT / "clusters"
@@ -361,7 +361,7 @@ def test_autoscaler_adds_nodes_for_rollout_demand_and_removes_them(tmp_path):
     out = tmp_path / "autoscale.json"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", OMP_NUM_THREADS="1")
     env.pop(CLUSTER_RESOURCES_ENV, None)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "autoscale_demo.py"), "--json-out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "autoscale_demo.py"), "--json-out", str(out)],
                           check=False, env=env, capture_output=True, text=True, timeout=240)
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     rec = json.loads(out.read_text())

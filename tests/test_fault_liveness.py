@@ -113,6 +113,53 @@ def test_dead_and_hung_engines_restart_with_the_current_weights(engines, tiny_mo
         sup.stop()
 
 
+@pytest.mark.slow
+def test_a_push_stuck_on_a_hung_engine_never_blocks_its_kill_while_another_engine_waits_to_reload(engines):
+    """Engine 0 dies and engine 1 hangs while a push is in flight: the push waits on the hung engine, engine 0's
+    reload waits for the push, and only the health loop can break that by killing the hung engine."""
+    import dataclasses
+    import threading
+
+    import ray
+    from mosaic_ray.actors.engines.supervisor import EngineSupervisor
+
+    cfg = dataclasses.replace(ENGINE, hung_after_s=20.0)  # engine 0 is back (and waiting to reload) well before
+    new_norm = torch.full((128,), 0.25)
+
+    def push(targets, version):
+        ray.get([e.update_weights.remote({"model.norm.weight": new_norm}, version) for e in targets])
+        return {}
+
+    sup = EngineSupervisor(engines, cfg, push)
+    sup.push(4)
+    pids = [_pid(e) for e in engines]
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        pusher = threading.Thread(target=sup.push, args=(5,), daemon=True)
+        pusher.start()  # engine 0 takes version 5 at once; the push then waits on engine 1
+        deadline = time.monotonic() + 60
+        while ray.get(engines[0].version.remote(), timeout=30) != 5:
+            assert time.monotonic() < deadline, "engine 0 never took version 5"
+            time.sleep(0.2)
+        os.kill(pids[0], signal.SIGKILL)  # back in seconds, and its reload waits for the stuck push
+        pusher.join(timeout=240)  # engine 1 stays stopped throughout: only its kill can end the push
+        assert not pusher.is_alive(), f"the push never ended: {sup.counters}"
+        assert sup.counters["hung_engines_killed"] == 1
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                healths = ray.get([e.health.remote() for e in engines], timeout=5)
+                if all(h["serving"] and h["version"] == 5 for h in healths):
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+            assert time.monotonic() < deadline, f"engines not back with version 5: {sup.counters}"
+            time.sleep(0.5)
+        assert [h["pid"] for h in healths] != pids
+    finally:
+        _resume(pids[1])
+        sup.stop()
+
 def _batch(n: int, seed: int):
     from mosaic_ray.algorithms.batch import PolicySample
 

@@ -67,6 +67,40 @@ def test_broken_scenario_is_a_result(scripted_fleet, tasks):
     assert not any(errs[f"t/3/{tasks[1].task_id}/{i}"] for i in range(2))
 
 
+def test_deliver_sends_every_record_from_its_worker_to_the_pair_builder_once(scripted_fleet, tasks, tmp_path):
+    """Training's data plane: workers hand records to the pair builder; the caller sees receipts only, and a
+    worker killed mid-run costs a re-run whose copy the pair builder drops."""
+    import ray
+    from mosaic_ray.actors.pair_builder import remote_pair_builder
+
+    from mosaic_ray.rollout import EpisodeReceipt
+    from mosaic_ray.storage import RunStorage
+
+    fleet = scripted_fleet
+    assert fleet.wait_for_workers(2) == 2
+    sink = remote_pair_builder(str(tmp_path / "run"), group_size=4, num_cpus=0.25, groups_per_shard=4)
+    try:
+        receipts, killed = [], None
+        for batch in fleet.deliver(tasks[:40], sink=sink, group_size=4, iteration=5, policy_version=2):
+            assert all(isinstance(r, EpisodeReceipt) for r in batch)
+            receipts += batch
+            busy = {wid: w["in_flight"] for wid, w in fleet.workers().items() if w["state"] == "healthy"}
+            if killed is None and busy and max(busy.values()) > 0:
+                killed = max(busy, key=busy.get)
+                ray.kill(fleet.worker_handles()[killed], no_restart=True)
+        assert killed is not None
+        stats = ray.get(sink.flush.remote())
+        committed = ray.get(sink.committed_groups.remote())
+    finally:
+        ray.kill(sink, no_restart=True)
+    assert sorted(r.traj_id for r in receipts) == sorted(f"t/5/{t.task_id}/{i}" for t in tasks[:40] for i in range(4))
+    assert {r.policy_version for r in receipts} == {2} and not any(r.failed for r in receipts)
+    assert len(committed) == 40 and stats["trajectories_written"] == 160
+    ids = RunStorage(str(tmp_path / "run")).read_dataset("trajectories").column("traj_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 160
+    assert fleet.wait_for_workers(2) == 2
+
+
 def test_killed_worker_loses_and_duplicates_nothing_then_idle_scale_down(scripted_fleet, tasks):
     import ray
 

@@ -104,8 +104,8 @@ def test_the_gpu_check_says_skipped_without_a_gpu():
     from pathlib import Path
 
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: tests/test_learner_gpu.py runs the check itself")
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+        pytest.skip("this machine has a GPU: tests/gpu/test_learner_gpu.py runs the check itself")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
     done = subprocess.run([str(script)], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "skipped: no GPU" in done.stdout, done.stdout + done.stderr
 

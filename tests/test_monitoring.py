@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from mosaic_ray.hygiene import RayHead
+from mosaic_ray.benchmarks.cluster import RayHead
 
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "clusters" / "monitoring"

@@ -4,9 +4,9 @@ meet fails at start-up naming the missing resource, one it cannot meet in time f
 from __future__ import annotations
 
 import pytest
+from mosaic_ray.actors.resources import PlacementError, reserve, unmet
 
 from mosaic_ray.config import LearnerConfig
-from mosaic_ray.resources import PlacementError, reserve, unmet
 
 GPU_NODE = {"CPU": 16.0, "GPU": 8.0, "mosaic_learner": 1.0}
 CPU_NODE = {"CPU": 4.0}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,17 +20,46 @@ from mosaic_ray.storage import RunStorage
 FAST = ["warmstart.steps=4", "warmstart.num_demos=40", "train.iterations=3", "train.eval_size=8",
         "rollout.tasks_per_iteration=4", "protocol.max_steps=3", "protocol.max_new_tokens=24",
         "scenarios.train_size=100", "scenarios.test_size=40", "warmstart.replay_coef=1.0",
-        "warmstart.replay_batch_size=4", "warmstart.copy_weight=4.0", "checkpoint.keep_last=2"]
+        "warmstart.replay_batch_size=4", "warmstart.copy_weight=4.0", "checkpoint.keep_last=2", "train.eval_every=2"]
 EVAL_KEYS = ("harmful_refusal_rate", "harmful_action_rate", "injection_success_rate", "benign_success_rate",
              "over_refusal_rate", "privacy_leak_rate", "format_error_rate", "safety_check_rate", "mean_tokens")
 
 
+DRIVER_READS: list[str] = []
+"""The datasets the driver process read during `full_run` (the learners are actors: their reads are not here)."""
+DRIVER_RECEIVED: Counter = Counter()
+"""What the fleet handed the driver during `full_run`, by type."""
+
+
 @pytest.fixture(scope="module")
 def full_run(ray_session, tmp_path_factory):
+    from mosaic_ray.actors.fleet import RolloutFleet
+
     cfg = load_config("smoke", FAST)
     run = tmp_path_factory.mktemp("runs") / "full"
-    report = Trainer(cfg, str(run), progress=False).run()
+    read, deliver = RunStorage.read_dataset, RolloutFleet.deliver
+
+    def spy_read(self, dataset, *args, **kwargs):
+        DRIVER_READS.append(dataset)
+        return read(self, dataset, *args, **kwargs)
+
+    def spy_deliver(self, *args, **kwargs):
+        for receipts in deliver(self, *args, **kwargs):
+            DRIVER_RECEIVED.update(type(r).__name__ for r in receipts)
+            yield receipts
+
+    with mock.patch.object(RunStorage, "read_dataset", spy_read), \
+            mock.patch.object(RolloutFleet, "deliver", spy_deliver):
+        report = Trainer(cfg, str(run), progress=False).run()
     return cfg, run, report
+
+
+def test_training_data_never_passes_through_the_driver(full_run):
+    cfg = full_run[0]
+    # workers -> pair builder -> storage -> learners: the driver saw receipts and read no dataset back
+    assert DRIVER_RECEIVED == {"EpisodeReceipt": cfg.train.iterations * cfg.rollout.tasks_per_iteration
+                               * cfg.rollout.group_size}
+    assert not {"trajectories", "pairs", "rewards"} & set(DRIVER_READS), DRIVER_READS
 
 
 def relative_ids(run: Path, dataset: str, column: str = "traj_id") -> Counter:
@@ -52,6 +82,9 @@ def test_run_directory_is_complete(full_run):
         assert ("learner/loss" in r) == (r["update/samples"] > 0)
     assert any("learner/loss" in r for r in rows)
     assert [r["policy_version"] for r in rows] == [2, 3, 4]  # 1 = warm start, +1 per update
+    # train.eval_every=2: an evaluation after iteration 1 (the last iteration's is the "after" one)
+    assert [("eval/templates/harmful_refusal_rate" in r) for r in rows] == [False, True, False]
+    assert (run / "eval" / "iter-00001.json").is_file() and not (run / "eval" / "iter-00000.json").exists()
 
     G, n_tasks = cfg.rollout.group_size, cfg.rollout.tasks_per_iteration
     storage = RunStorage(str(run))
@@ -97,10 +130,10 @@ def test_run_directory_is_complete(full_run):
 class InterruptedTrainer(Trainer):
     """Ctrl-C in the middle of iteration 1, after its rollouts were committed but before the update."""
 
-    def update(self, traj, rewards, m):
+    def update(self, groups, m):
         if int(m["iteration"]) == 1:
             raise KeyboardInterrupt
-        return super().update(traj, rewards, m)
+        return super().update(groups, m)
 
 
 def test_resume_after_interrupt_has_identical_accounting(full_run, tmp_path):

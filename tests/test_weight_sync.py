@@ -62,13 +62,10 @@ class CheckedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.checks: list[dict] = []
 
-    def sync(self, m):
-        super().sync(m)
-        self.check_engines()
-
-    def sync_version(self, version):
-        super().sync_version(version)
-        self.check_engines()
+    def sync(self, version, m=None):
+        super().sync(version, m)
+        if version:
+            self.check_engines()
 
     def check_engines(self):
         import ray

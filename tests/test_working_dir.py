@@ -38,7 +38,7 @@ def source_copy(dst: Path, marker: str) -> Path:
 
 def test_a_source_tree_on_the_path_supplies_every_subpackage(tmp_path):
     tree = source_copy(tmp_path / "tree", "COPY")
-    code = ("import mosaic_ray.actors.fleet, mosaic_ray.learners.group, mosaic_ray.benchmarks.suite_report as r; "
+    code = ("import mosaic_ray.actors.fleet, mosaic_ray.learners.group, mosaic_ray.benchmarks.cluster as r; "
             "print(mosaic_ray.__file__, mosaic_ray.actors.fleet.__file__, mosaic_ray.learners.group.__file__, "
             "r.__file__)")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(tree)},

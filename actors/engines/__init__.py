@@ -41,7 +41,7 @@ def make_engine(cfg: EngineConfig, model_path: str | None, *, dtype: str = "floa
 
         return VLLMEngine(_need_path(model_path, cfg), tensor_parallel_size=cfg.tensor_parallel_size, dtype=dtype,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                          enable_sleep_mode=cfg.sleep_when_idle, seed=cfg.seed, enforce_eager=cfg.enforce_eager,
+                          seed=cfg.seed, enforce_eager=cfg.enforce_eager,
                           weight_transfer_backend=None if cfg.weight_transfer_backend == "none"
                           else cfg.weight_transfer_backend)
     if cfg.kind == "openai":

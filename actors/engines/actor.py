@@ -165,8 +165,8 @@ class EngineActor:
 
 def engine_actor_options(cfg: EngineConfig) -> dict[str, Any]:
     """Ray options for one engine actor: CPUs/GPUs (and the engine node resource on clusters that advertise
-    it) from `mosaic_ray.resources.actor_options`, plus a high max_concurrency."""
-    from mosaic_ray.resources import actor_options
+    it) from `mosaic_ray.actors.resources.actor_options`, plus a high max_concurrency."""
+    from mosaic_ray.actors.resources import actor_options
 
     # restarts in place keep the handle every router holds; a call in flight at a crash fails (the router
     # retries it elsewhere) rather than re-running on the restarted engine's base weights
@@ -178,8 +178,8 @@ def start_engine_actors(cfg: EngineConfig, model_path: str | None, *, dtype: str
                         num_engines: int | None = None, wait: bool = True, placement_group: Any = None,
                         cache_dir: str | None = None) -> list:
     """Start `num_engines` (default `cfg.num_engines`) engine actors; with `wait`, return once all serve.
-    With `placement_group` (`mosaic_ray.resources.reserve`), engine i sits in its bundle i."""
-    from mosaic_ray.resources import in_bundle
+    With `placement_group` (`mosaic_ray.actors.resources.reserve`), engine i sits in its bundle i."""
+    from mosaic_ray.actors.resources import in_bundle
 
     options = engine_actor_options(cfg)
     handles = [EngineActor.options(**options, **(in_bundle(placement_group, i) if placement_group else {}))

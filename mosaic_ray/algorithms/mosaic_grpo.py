@@ -1,8 +1,10 @@
 """MOSAIC preference-GRPO: PPO-clip surrogate over policy tokens, advantages from pairwise wins.
 
 The advantage of trajectory i comes from the judge: wins_i = Σ_j pref(i, j) over its group of G samples,
-+ format reward − length penalty, normalised within the group (DESIGN "Judge rubric"). This loss only sees
-the result, one number per trajectory, broadcast over that trajectory's policy tokens:
++ format reward − length penalty, normalised within the group (`mosaic_ray/rewards.py`, the one place
+advantages are computed). The scalar ablation (`judge.reward_mode: scalar`) puts the rubric grade in place of
+the wins and trains with this same loss. This loss only sees the result, one number per trajectory, broadcast
+over that trajectory's policy tokens:
 
     ratio_t         = exp(logp_t − old_logp_t)
     pg_loss1_t      = −A · ratio_t
@@ -28,10 +30,11 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
-def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg, *,
-                  ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
-                  norm: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped surrogate shared by preference-GRPO and scalar-GRPO.
+@register_loss("mosaic_grpo")
+def mosaic_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg, *,
+                     ref_logp: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+                     norm: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Preference-GRPO: the clipped surrogate with the judge's group advantages.
 
     logp, old_logp, mask, ref_logp, entropy: (B, T); adv: (B,). cfg needs clip_eps, kl_coef, loss_agg.
     """
@@ -59,9 +62,3 @@ def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
         if entropy is not None:
             metrics["entropy"] = float(masked_mean(entropy, mask))
     return loss, metrics
-
-
-@register_loss("mosaic_grpo")
-def mosaic_grpo_loss(logp, old_logp, adv, mask, cfg, *, ref_logp=None, entropy=None, norm=None):
-    """Preference-GRPO: the clipped surrogate with the judge's pairwise-win advantages."""
-    return ppo_clip_loss(logp, old_logp, adv, mask, cfg, ref_logp=ref_logp, entropy=entropy, norm=norm)

@@ -113,6 +113,9 @@ def check_inputs(cfg: MosaicConfig) -> None:
     from mosaic_ray.driver.train import scenario_splits
     from mosaic_ray.models.source import is_local_path, resolve_model
 
+    if cfg.engine.kind == "openai":
+        raise ConfigError("engine.kind: an 'openai' engine serves a model behind HTTP and cannot load the learner's "
+                          "weights; train with 'hf' or 'vllm' ('openai' is for mosaic-ray eval) (got 'openai')")
     if cfg.scenarios.source != "builtin":
         scenario_splits(cfg)
     judge_model = cfg.judge.model if cfg.judge.kind == "llm" and cfg.judge.endpoint is None else None

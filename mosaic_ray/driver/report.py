@@ -2,6 +2,9 @@
 
 Pure functions over plain dicts: the driver hands them what it logged; the files are written through the run
 directory, so a report lands next to the datasets whether the run lives on local disk or on S3.
+
+Tables of evaluation results (`mosaic-ray report`: side by side, or the paper's before/after table over every
+suite) are `mosaic_ray.driver.suite_report`.
 """
 
 from __future__ import annotations

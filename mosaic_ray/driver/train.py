@@ -46,6 +46,8 @@ class RunState:
     checkpoint: str | None = None
     """Relative path of the last checkpoint in the run dir."""
     checkpoint_iteration: int = -1
+    checkpoint_version: int = -1
+    """The policy version the last checkpoint holds."""
     wall_time_s: float = 0.0
     before: dict[str, dict[str, Any]] | None = None
     """The warm start's evaluation, per split (`train.eval_splits`)."""
@@ -78,15 +80,6 @@ def iteration_tasks(tasks: list[Any], iteration: int, n: int, seed: int, weights
     return out
 
 
-def rollout_rates(records: list[Any]) -> dict[str, float]:
-    """Per-iteration rates on the training rollouts (same definitions as held-out evaluation)."""
-    from mosaic_ray.evaluation import summarize
-
-    summary = summarize([(r, r.outcome) for r in records])
-    overall = summary.get("overall", summary)
-    return {f"rollout/{k}": float(v) for k, v in overall.items() if isinstance(v, (int, float)) and v is not None}
-
-
 class Trainer:
     """One training run. `run()` = setup → warm start → evaluate (before) → iterations → evaluate (after) → report."""
 
@@ -98,6 +91,8 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self._replay: list[Any] | None = None
+        self._push_reforms: dict[int, int] = {}
+        """Learner re-formations started by an engine reload, per policy version (at most `LEARNER_REFORMS`)."""
         self.t_start = time.time()
         if resume:
             if not self.storage.exists("state.json"):
@@ -120,12 +115,12 @@ class Trainer:
         from mosaic_ray.actors.engines.supervisor import EngineSupervisor
         from mosaic_ray.actors.fleet import RolloutFleet
         from mosaic_ray.actors.pair_builder import remote_pair_builder
+        from mosaic_ray.actors.resources import reserve
         from mosaic_ray.driver.metrics import DriverMetrics
         from mosaic_ray.driver.trackers import open_trackers
         from mosaic_ray.driver.weight_sync import make_weight_sync
         from mosaic_ray.learners.group import LearnerGroup
         from mosaic_ray.models.source import policy_source, resolve_model
-        from mosaic_ray.resources import reserve
         from mosaic_ray.rollout import load_tokenizer
 
         cfg = self.cfg
@@ -145,7 +140,7 @@ class Trainer:
                                            placement_group=self.engine_pg)
         self.weight_sync = make_weight_sync(cfg.learner, self.learner)
         # health checks, hung engines killed, restarted ones reloaded; every weight push goes through it
-        self.engine_supervisor = EngineSupervisor(self.engines, cfg.engine, self.weight_sync.push)
+        self.engine_supervisor = EngineSupervisor(self.engines, cfg.engine, self.push_weights)
         self.fleet = RolloutFleet(cfg, model_dir=self.model_source, engine_handles=self.engines,
                                   run_id=self.state.run_id)
         self.pairs = remote_pair_builder(self.storage.uri, cfg.rollout.group_size, cfg.judge,
@@ -249,6 +244,20 @@ class Trainer:
             reports_by_split[split] = report
         return reports_by_split
 
+    def eval_due(self, it: int) -> bool:
+        """`train.eval_every`: whether the held-out splits are evaluated after iteration `it` (never after the
+        last: `run` evaluates then)."""
+        every = self.cfg.train.eval_every
+        return every > 0 and (it + 1) % every == 0 and it + 1 < self.cfg.train.iterations
+
+    def evaluate_between(self, it: int, row: dict[str, float]) -> None:
+        """The evaluation after iteration `it` (`eval/iter-NNNNN*.json`); its headline metrics go into the
+        iteration's row as `eval/<split>/<metric>`."""
+        by_split = self.evaluate(f"iter-{it:05d}")
+        self.print_eval(f"after iteration {it}", by_split)
+        for split, report in by_split.items():
+            row.update({f"eval/{split}/{k}": float(v) for k, v in reports.headline(report).items()})
+
     def eval_suites(self, tag: str) -> None:
         """`train.eval_suites` (external benchmarks) on the current policy's engines, into eval_suites/<tag>/."""
         if not self.cfg.train.eval_suites:
@@ -267,38 +276,29 @@ class Trainer:
                 self.storage.put_bytes(f"eval_suites/{tag}/{f.name}", f.read_bytes())
 
     def rollout(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> None:
-        """Generate G samples per task of this iteration and stream them into the pair builder."""
+        """Generate G samples per task of this iteration; the workers hand them to the pair builder themselves
+        (the driver sees receipts)."""
         cfg = self.cfg
         done = set(self.pairs_call("committed_groups", m=m))
         todo = [t for t in tasks if group_id(self.state.run_id, iteration, t.task_id) not in done]
         n = 0
         with timed(m, "rollout"), self.bar(f"iteration {iteration}: rollouts", len(todo) * cfg.rollout.group_size) as advance:
-            for batch in self.fleet.stream(todo, group_size=cfg.rollout.group_size, iteration=iteration,
-                                           policy_version=self.state.policy_version):
-                self.pairs_call("add", batch, m=m)
-                n += batch.num_rows
-                advance(f"{n} episodes", batch.num_rows)
+            for receipts in self.fleet.deliver(todo, sink=self.pairs, group_size=cfg.rollout.group_size,
+                                               iteration=iteration, policy_version=self.state.policy_version):
+                n += len(receipts)
+                advance(f"{n} episodes", len(receipts))
         m["rollout/episodes"] = float(n)
         m["rollout/reused_groups"] = float(len(tasks) - len(todo))
         m["rollout/episodes_per_s"] = n / max(m["time/rollout_s"], 1e-9)
 
-    def judge(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> tuple[Any, Any]:
-        """Commit this iteration's groups (pairs + rewards) and read back only the shards holding them."""
-        groups = {group_id(self.state.run_id, iteration, t.task_id) for t in tasks}
-
-        def ours(shard: Any) -> bool:
-            return not groups.isdisjoint(shard.meta.get("groups", ()))
-
+    def judge(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> list[str]:
+        """Have the pair builder commit every group of this iteration (pairs + rewards); their group ids."""
         with timed(m, "judge"):
             stats = self.commit_every_group(iteration, tasks, m)
-            traj = self.storage.read_dataset("trajectories", shards=ours)
-            rewards = self.storage.read_dataset("rewards", shards=ours)
-        it = traj.filter(pc_equal(traj, "iteration", iteration))
-        rw = rewards.filter(pc_isin(rewards, "traj_id", it.column("traj_id")))
         m["pairs/written"] = float(stats.get("pairs_written", 0))
         m["pairs/per_s"] = float(stats.get("pairs_per_s", 0.0))
         self.judge_metrics(stats, m)
-        return it, rw
+        return sorted(group_id(self.state.run_id, iteration, t.task_id) for t in tasks)
 
     def pairs_call(self, method: str, *args: Any, m: dict[str, float]) -> Any:
         """Call the pair builder. A call lost to its crash (RayActorError) is sent again to the restarted
@@ -332,38 +332,30 @@ class Trainer:
             log.warning("iteration %d: %d group(s) not committed (pair builder restarted?); re-sending them",
                         iteration, len(missing))
             m["faults/groups_resent"] = m.get("faults/groups_resent", 0.0) + len(missing)
-            for batch in self.fleet.stream([by_group[g] for g in missing], group_size=self.cfg.rollout.group_size,
-                                           iteration=iteration, policy_version=self.state.policy_version):
-                self.pairs_call("add", batch, m=m)
+            for _ in self.fleet.deliver([by_group[g] for g in missing], sink=self.pairs,
+                                        group_size=self.cfg.rollout.group_size, iteration=iteration,
+                                        policy_version=self.state.policy_version):
+                pass
         raise RuntimeError(f"iteration {iteration}: {len(missing)} group(s) still not committed after "
                            f"{RESEND_ROUNDS} re-sends (first: {missing[0]}); the pair builder keeps failing")
 
-    def update(self, traj: Any, rewards: Any, m: dict[str, float]) -> bool:
-        """The learner update (and helpfulness replay) of one iteration; whether the weights changed."""
-        from mosaic_ray.algorithms.batch import samples_and_stats
-        from mosaic_ray.schema import TrajectoryRecord, from_arrow
+    def update(self, groups: list[str], m: dict[str, float]) -> bool:
+        """The learner update (and helpfulness replay) of one iteration; whether the weights changed. The learners
+        read the committed groups from the run's storage themselves (`LearnerGroup.update_iteration`)."""
+        from mosaic_ray.algorithms.batch import IterationData
 
-        records = from_arrow(traj, TrajectoryRecord)
-        m.update(rollout_rates(records))
-        rw = rewards.to_pydict()
-        m["reward/mean"] = sum(rw["reward"]) / max(1, len(rw["reward"]))
-        m["reward/wins_mean"] = sum(rw["wins"]) / max(1, len(rw["wins"]))
-        m["staleness/mean"] = sum(self.state.policy_version - r.policy_version for r in records) / max(1, len(records))
-        samples, stats = samples_and_stats(traj, rewards)
-        m["update/samples"] = float(len(samples))
-        m["update/groups_without_signal"] = float(stats.zero_variance_groups)
+        it = int(m["iteration"])
+        data = IterationData(self.storage.uri, it, tuple(groups), self.state.policy_version)
         replay = self.cfg.warmstart.replay_coef > 0
-        title = f"iteration {int(m['iteration'])}: learner update ({len(samples)} samples)"
-        with timed(m, "update"), self.bar(title, 1 + replay) as advance:
-            if samples:
-                out = self.learner.update(samples, algorithm=self.cfg.learner.algorithm)
-                m.update({k if "/" in k else f"learner/{k}": float(v) for k, v in out.items()
-                          if isinstance(v, (int, float))})
+        with timed(m, "update"), self.bar(f"iteration {it}: learner update", 1 + replay) as advance:
+            out = self.learner.update_iteration(data, algorithm=self.cfg.learner.algorithm)
+            m.update({k if "/" in k else f"learner/{k}": float(v) for k, v in out.items()
+                      if isinstance(v, (int, float))})
             advance(", ".join(f"{k.split('/')[1]} {m[k]:.4f}" for k in UPDATE_PROGRESS_KEYS if k in m))
             if replay:
-                m.update(self.replay(int(m["iteration"])))
+                m.update(self.replay(it))
                 advance(f"replay nll {m['replay/nll']:.3f}")
-        return bool(samples) or replay
+        return m["update/samples"] > 0 or replay
 
     def replay(self, iteration: int) -> dict[str, float]:
         """One SFT step on benign demonstrations (see `WarmStartConfig.replay_coef`); seeded by iteration, so a
@@ -379,13 +371,39 @@ class Trainer:
         out = self.learner.sft_update(batch, lr=ws.replay_coef * self.cfg.learner.lr)
         return {"replay/nll": float(out["learner/nll"]), "replay/samples": float(len(batch))}
 
-    def sync(self, m: dict[str, float]) -> None:
-        """Push the new weights to every engine with the next version (`learner.weight_sync`, in buckets)."""
-        with timed(m, "weight_sync"):
-            version = self.state.policy_version + 1
-            m.update(self.engine_supervisor.push(version))
-            self.state.policy_version = version
-        m["policy_version"] = float(version)
+    def sync(self, version: int, m: dict[str, float] | None = None) -> None:
+        """Load the learner's weights into every engine as `version` (`learner.weight_sync`, in buckets): after an
+        update (`m` gets the sync's metrics), at the start or on resume. Version 0 is the model the engines
+        started from: nothing to send."""
+        if version == 0:
+            return
+        t0 = time.perf_counter()
+        out = self.engine_supervisor.push(version)
+        self.state.policy_version = version
+        if m is not None:
+            m.update(out)
+            m["time/weight_sync_s"] = round(time.perf_counter() - t0, 3)
+            m["policy_version"] = float(version)
+
+    def push_weights(self, engines: list[Any], version: int) -> dict[str, float]:
+        """The weight sync (`learner.weight_sync`) of the learner's weights into `engines` as `version`, for the
+        engine supervisor. A learner group lost since its last step (found by this push: an engine reload while
+        rollouts run) is re-formed at once from the last checkpoint when that checkpoint holds exactly `version`:
+        otherwise restarted engines would wait, serving nothing, until the next update found the loss."""
+        from mosaic_ray.learners.group import LearnerFailure
+
+        try:
+            return self.weight_sync.push(engines, version)
+        except LearnerFailure as exc:
+            st = self.state
+            tries = self._push_reforms.get(version, 0)
+            if st.checkpoint is None or st.checkpoint_version != version or tries >= LEARNER_REFORMS:
+                raise
+            self._push_reforms[version] = tries + 1
+            log.warning("%s; re-forming the learner group from %s (version %d) to reload the engines", exc,
+                        st.checkpoint, version)
+            self.learner.reform(self.storage.url(st.checkpoint))
+            return self.weight_sync.push(engines, version)
 
     def checkpoint(self, iteration: int) -> None:
         """`checkpoints/iter-N` (`checkpoints/warmstart` for the warm start): an HF model directory plus its
@@ -397,6 +415,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         self.learner.save(self.storage.url(rel), max_shard_bytes=ck.max_shard_mb << 20)
         self.state.checkpoint, self.state.checkpoint_iteration = rel, iteration
+        self.state.checkpoint_version = self.state.policy_version
         if iteration >= 0:
             deleted = prune_checkpoints(self.storage.url("checkpoints"), ck.keep_last, keep=[rel])
             if deleted:
@@ -404,17 +423,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ loop
 
-    def collect(self, iteration: int) -> tuple[dict[str, float], Any, Any]:
+    def collect(self, iteration: int) -> tuple[dict[str, float], list[str]]:
         """Rollout + judge of one iteration: the data plane half, which async mode overlaps with updates."""
         m: dict[str, float] = {"iteration": float(iteration), "rollout/policy_version": float(self.state.policy_version)}
         cfg = self.cfg
         tasks = iteration_tasks(self.train_tasks, iteration, cfg.rollout.tasks_per_iteration, cfg.train.seed,
                                 cfg.scenarios.category_weights)
         self.rollout(iteration, tasks, m)
-        traj, rewards = self.judge(iteration, tasks, m)
-        return m, traj, rewards
+        return m, self.judge(iteration, tasks, m)
 
-    def learn(self, m: dict[str, float], traj: Any, rewards: Any) -> dict[str, float]:
+    def learn(self, m: dict[str, float], groups: list[str]) -> dict[str, float]:
         """Update + weight sync: the learner half. The policy version advances only when the weights changed.
 
         A learner rank lost during the step: the group is re-formed from the checkpoint taken right before this
@@ -424,13 +442,14 @@ class Trainer:
         for attempt in range(LEARNER_REFORMS + 1):
             try:
                 with self.engine_supervisor.weights_changing():  # no engine reload between update and sync
-                    if self.update(traj, rewards, m):
-                        self.sync(m)
+                    if self.update(groups, m):
+                        self.sync(self.state.policy_version + 1, m)
                     else:
                         m["policy_version"] = float(self.state.policy_version)
                 return m
             except LearnerFailure as exc:
-                self.reform_learner(int(m["iteration"]), exc, last=attempt == LEARNER_REFORMS)
+                with self.engine_supervisor.weights_changing():  # no engine reload from a half-formed group
+                    self.reform_learner(int(m["iteration"]), exc, last=attempt == LEARNER_REFORMS)
                 m["faults/learner_reforms"] = m.get("faults/learner_reforms", 0.0) + 1
         raise AssertionError("unreachable")
 
@@ -460,11 +479,11 @@ class Trainer:
         try:
             if st.checkpoint is not None:
                 self.learner.restore(self.storage.url(st.checkpoint))
-                self.sync_version(st.policy_version)
+                self.sync(st.policy_version)
             else:
                 if cfg.warmstart.enabled:
                     st.rows.append({"iteration": -1, **self.warm_start()})
-                    self.sync_version(1)
+                    self.sync(1)
                 st.before = self.evaluate("before")
                 self.eval_suites("before")
                 self.print_eval("before (warm start)", st.before)
@@ -483,14 +502,6 @@ class Trainer:
             raise
         finally:
             self.shutdown()
-
-    def sync_version(self, version: int) -> None:
-        """Load the learner's current weights into the engines as `version` (start or resume). Version 0 is the
-        model the engines started from, so there is nothing to send."""
-        if version == 0:
-            return
-        self.engine_supervisor.push(version)
-        self.state.policy_version = version
 
     def save_state(self, iteration: int) -> None:
         """state.json describes the last checkpoint: a resume restarts right after it."""
@@ -583,6 +594,8 @@ class SyncSchedule:
         for it in range(start, end):
             t0 = time.perf_counter()
             row = self.t.learn(*self.t.collect(it))
+            if self.t.eval_due(it):
+                self.t.evaluate_between(it, row)
             self.t.finish_iteration(it, row, t0)
 
 
@@ -607,12 +620,15 @@ class AsyncSchedule:
             pending = pool.submit(self.t.collect, start)
             for it in range(start, end):
                 t0 = time.perf_counter()
-                m, traj, rewards = pending.result()
-                nxt = it + 1
-                admitted = nxt < end and self.t.state.policy_version >= base + nxt - self.t.cfg.train.max_staleness
+                m, groups = pending.result()
+                nxt, due = it + 1, self.t.eval_due(it)  # an evaluation uses the fleet: no rollouts meanwhile
+                admitted = (not due and nxt < end
+                            and self.t.state.policy_version >= base + nxt - self.t.cfg.train.max_staleness)
                 if admitted:
                     pending = pool.submit(self.t.collect, nxt)
-                self.t.learn(m, traj, rewards)
+                self.t.learn(m, groups)
+                if due:
+                    self.t.evaluate_between(it, m)
                 if nxt < end and not admitted:
                     pending = pool.submit(self.t.collect, nxt)
                 self.t.finish_iteration(it, m, t0)
@@ -625,18 +641,6 @@ def group_id(run_id: str, iteration: int, task_id: str) -> str:
     from mosaic_ray.schema import make_group_id
 
     return make_group_id(run_id, iteration, task_id)
-
-
-def pc_equal(table: Any, column: str, value: Any) -> Any:
-    import pyarrow.compute as pc
-
-    return pc.equal(table.column(column), value)
-
-
-def pc_isin(table: Any, column: str, values: Any) -> Any:
-    import pyarrow.compute as pc
-
-    return pc.is_in(table.column(column), value_set=values.combine_chunks())
 
 
 def training_domains(cfg: MosaicConfig) -> tuple[str, ...]:

@@ -167,10 +167,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def _s3_copy(uri: str, root: Path) -> Path:
-    import fsspec
+    from mosaic_ray.storage import filesystem_for  # the project's one S3 builder: credentials from this node
 
-    fs, path = fsspec.core.url_to_fs(uri)
-    path = path.rstrip("/")
+    fs, path = filesystem_for(uri)
     try:
         listing = sorted((info["name"], info.get("size"), str(info.get("ETag", info.get("etag", ""))))
                          for info in fs.find(path, detail=True).values())

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (torch + transformers + this project; no Ray, no vLLM, no network), under 5 minutes:
 # FSDP2 bf16 on SmolLM2-135M against the unsharded model (loss), step time, peak memory per GPU.
-# Exits 0 with "skipped: no GPU" on a machine without one. Flags go to benchmarks/gpu_check.py (e.g. --model DIR).
+# Exits 0 with "skipped: no GPU" on a machine without one. Flags go to the benchmark it runs,
+# benchmarks/gpu_check.py (e.g. --model DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

@@ -2,8 +2,8 @@
 
 A head is started with Ray's fake multi-node provider (`RAY_FAKE_CLUSTER=1`, `provider.type: fake_multinode`):
 the real autoscaler monitor runs unchanged and "launches" worker nodes as extra raylets on this host. The
-node type carries the rollout custom resource (`mosaic_ray.resources.ROLLOUT_RESOURCE`), exactly as the
-rollout groups in `clusters/` do, and the demand is created with `actor_options("rollout", cfg)`, so this
+node type carries the rollout custom resource (`mosaic_ray.actors.resources.ROLLOUT_RESOURCE`), exactly as
+the rollout groups in `clusters/` do, and the demand is created with `actor_options("rollout", cfg)`, so this
 exercises the same resource matching a real cluster relies on.
 
 Why by hand: `ray.cluster_utils.AutoscalingCluster` is broken in Ray 2.60 (its YAML is not in the wheel) and
@@ -11,7 +11,7 @@ runs `ray stop --force`, which kills every Ray process on the host. Here the YAM
 temp dir, every head port is explicit, `provider.gcs_address` points at this head (otherwise the fake nodes
 join whatever listens on 6379), and the cluster is stopped by PID through an environment marker.
 
-    python benchmarks/autoscale_demo.py [--actors 4] [--work-s 3] [--json-out result.json]
+    python scripts/autoscale_demo.py [--actors 4] [--work-s 3] [--json-out result.json]
 
 Prints a timeline, a timing table and one JSON line. The workload (`run_demand`) is the real rollout fleet with
 `rollout.request_autoscaler`: it asks the autoscaler for worker resources, grows onto the nodes that join, and
@@ -33,10 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mosaic_ray.actors.resources import (
+    CLUSTER_RESOURCES_ENV,
+    NODE_RESOURCE_AMOUNT,
+    ROLLOUT_RESOURCE,
+    actor_options,
+)
+from mosaic_ray.benchmarks.cluster import RayHead
 
 from mosaic_ray.config import MosaicConfig, load_config
-from mosaic_ray.hygiene import RayHead, set_torch_threads
-from mosaic_ray.resources import CLUSTER_RESOURCES_ENV, NODE_RESOURCE_AMOUNT, ROLLOUT_RESOURCE, actor_options
+from mosaic_ray.hygiene import set_torch_threads
 
 WORKER_NODE_TYPE = "mosaic.rollout.cpu"
 HEAD_NODE_TYPE = "ray.head.default"  # the fake provider names its head node type this way
