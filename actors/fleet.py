@@ -17,43 +17,35 @@ another worker; a record whose id was already emitted is dropped. An episode who
 `max_episode_retries` times is emitted as a failed record (terminal `error`), so a poison task cannot stall
 an iteration and its group stays complete.
 
-Control plane (a daemon thread every `control_interval_s`, plus `scale_to`): admits started workers,
-replaces dead ones, and resizes the fleet. It never waits on an episode and the data plane never waits on it:
-starting an actor is a non-blocking `.remote()`, a new worker joins dispatch when its `ready()` resolves,
-and a retired worker first drains its in-flight episodes. Policy (`rollout.autoscale`):
-
-- up by one when the queue is longer than `scale_up_queue_per_worker` × healthy workers, no worker is still
-  starting and `ray.available_resources()` fits one more worker — so a node that joins mid-run gets workers
-  without a restart (Ray places the new actor where the free resources are);
-- down by one when the queue is empty and a worker has been idle for `idle_scale_down_s` (never below
-  `min_workers`);
-- a dead worker is replaced while the cluster still fits it (or the fleet is below `min_workers`); when its
-  resources went away with its node, the fleet shrinks instead of queueing actors that cannot start;
-- with `request_autoscaler`, the wanted worker count is sent to `ray.autoscaler.sdk.request_resources`, so
-  a real cluster adds nodes for the backlog (the rollout node-type resource comes from `actor_options`).
+Worker lifecycle (a daemon thread every `control_interval_s`, plus `scale_to`): admits started workers,
+starts and retires them as the scaling policy (`Scaler`, `actors/scaler.py`) decides from a snapshot the fleet
+takes under its lock. It never waits on an episode and the data plane never waits on it: starting an actor is
+a non-blocking `.remote()`, a new worker joins dispatch when its `ready()` resolves, a retired worker first
+drains its in-flight episodes, and a dead worker's slot is refilled (or given up) by the scaler's next step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa
 import ray
 
-from mosaic_ray.config import MosaicConfig
+from mosaic_ray.config import MosaicConfig, RolloutConfig
 from mosaic_ray.rollout import EpisodeReceipt, EpisodeSpec, episode_specs, failed_record
+from mosaic_ray.scenarios.tasks import Task
 from mosaic_ray.schema import TrajectoryRecord, to_arrow
 
 from .engines.router import EngineRouter
 from .rollout_worker import SINK_ATTEMPTS, RolloutWorker
+from .scaler import Decision, FleetState, Scaler, WorkerLoad
 
 __all__ = ["CallResult", "FleetError", "RolloutFleet", "WorkerInfo"]
 
@@ -151,14 +143,14 @@ class RolloutFleet:
         if not ray.is_initialized():
             raise FleetError("RolloutFleet: Ray is not initialised (ray.init first; the fleet never starts Ray)")
         self.cfg = cfg
-        self.rc = cfg.rollout
         self.model_dir = str(model_dir)
         self.run_id = run_id
         self._router = self._make_router(engine_handles) if engine_handles is not None else router
         self._scripted = scripted
         self._router_version = 0
         self._scripted_delay_s = scripted_delay_s
-        self._cap = self.rc.max_in_flight_per_worker or self.rc.episodes_per_worker
+        self._cap = cfg.rollout.max_in_flight_per_worker or cfg.rollout.episodes_per_worker
+        self._scaler = Scaler(cfg.rollout, cap=self._cap)
         self._lock = threading.RLock()
         self._workers: dict[str, WorkerInfo] = {}
         self._owner: dict[Any, str] = {}
@@ -169,17 +161,20 @@ class RolloutFleet:
         self._next_id = 0
         self._start_failures = 0
         self._fatal: str | None = None
-        self._requested_workers: int | None = None
         self.counters = {"workers_started": 0, "worker_deaths": 0, "retries": 0, "duplicates_dropped": 0,
                          "stale_dropped": 0, "failed_episodes": 0, "episodes": 0}
-        self._gauges = self._make_gauges()
         self._options = self._worker_options()
         initial = num_workers if num_workers is not None else max(self.rc.min_workers, 1)
         self._target = max(0, min(initial, self.rc.max_workers))
-        self._reconcile(resources_fit=lambda k: True)
+        self._reconcile(free=None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._control_loop, name="rollout-fleet-control", daemon=True)
         self._thread.start()
+
+    @property
+    def rc(self) -> RolloutConfig:
+        """The live rollout config: `cfg.rollout` with any `reconfigure` changes (the scaler holds it)."""
+        return self._scaler.rc
 
     def __reduce__(self):
         raise TypeError("RolloutFleet lives in the driver (threads, actor book-keeping); pass engine handles or "
@@ -187,7 +182,7 @@ class RolloutFleet:
 
     # ------------------------------------------------------------------------------------ data plane
 
-    def deliver(self, tasks: Iterable[Any], *, sink: Any, group_size: int, iteration: int, policy_version: int = 0,
+    def deliver(self, tasks: Iterable[Task], *, sink: Any, group_size: int, iteration: int, policy_version: int = 0,
                 temperature: float | None = None) -> Iterator[list[EpisodeReceipt]]:
         """Run `group_size` episodes of every task; each worker hands its records to `sink` (the pair builder
         actor: `sink.add(records)`) itself, and receipts are yielded as episodes land there. Exactly once as in
@@ -200,7 +195,7 @@ class RolloutFleet:
                 _send(sink, failed)
             yield [EpisodeReceipt.of(r) if isinstance(r, TrajectoryRecord) else r for r in results]
 
-    def stream(self, tasks: Iterable[Any], *, group_size: int, iteration: int, policy_version: int = 0,
+    def stream(self, tasks: Iterable[Task], *, group_size: int, iteration: int, policy_version: int = 0,
                temperature: float | None = None) -> Iterator[pa.RecordBatch]:
         """Run `group_size` episodes of every task; yield Arrow record batches as episodes finish.
 
@@ -211,7 +206,7 @@ class RolloutFleet:
         for records in self._run(specs):
             yield from to_arrow(records).to_batches()
 
-    def evaluate(self, tasks: Iterable[Any], *, temperature: float | None = 0.0, policy_version: int = 0,
+    def evaluate(self, tasks: Iterable[Task], *, temperature: float | None = 0.0, policy_version: int = 0,
                  tag: str = "eval") -> Iterator[TrajectoryRecord]:
         """One episode per task (greedy by default) under run id `{run_id}/eval-{tag}`, iteration -1; yields
         records as they finish (no Arrow round trip)."""
@@ -347,7 +342,7 @@ class RolloutFleet:
         self._failed.clear()
         return out
 
-    # --------------------------------------------------------------------------------- control plane
+    # ------------------------------------------------------------------------------- worker lifecycle
 
     @property
     def num_workers(self) -> int:
@@ -386,24 +381,14 @@ class RolloutFleet:
             raise ValueError(f"scale_to: n must be >= 0, got {n}")
         with self._lock:
             self._target = min(n, self.rc.max_workers)
-        self._reconcile(resources_fit=lambda k: True)
+        self._reconcile(free=None)
 
     def reconfigure(self, **changes: Any) -> None:
         """Change the scaling policy of a live fleet (`min_workers`, `max_workers`, `autoscale`,
         `scale_up_queue_per_worker`, `idle_scale_down_s`, `request_autoscaler`); takes effect at the next
         control step. E.g. `reconfigure(max_workers=64)` lets a grown cluster take more workers."""
-        allowed = {"min_workers", "max_workers", "autoscale", "scale_up_queue_per_worker", "idle_scale_down_s",
-                   "request_autoscaler"}
-        unknown = sorted(set(changes) - allowed)
-        if unknown:
-            raise ValueError(f"reconfigure: rollout.{unknown[0]} cannot change on a live fleet "
-                             f"(allowed: {', '.join(sorted(allowed))})")
-        rc = dataclasses.replace(self.rc, **changes)
-        if not 0 <= rc.min_workers <= rc.max_workers or rc.max_workers < 1:
-            raise ValueError(f"reconfigure: need 0 <= rollout.min_workers <= rollout.max_workers and "
-                             f"max_workers >= 1, got min_workers={rc.min_workers}, max_workers={rc.max_workers}")
         with self._lock:
-            self.rc = rc
+            rc = self._scaler.reconfigure(**changes)
             self._target = max(rc.min_workers, min(self._target, rc.max_workers))
 
     def wait_for_workers(self, n: int | None = None, timeout_s: float = 300.0) -> int:
@@ -472,8 +457,7 @@ class RolloutFleet:
             self._queue.clear()
         for w in workers:
             ray.kill(w.handle, no_restart=True)
-        if self._requested_workers:
-            self._request_autoscaler(0)
+        self._scaler.release()
 
     def __enter__(self) -> RolloutFleet:  # noqa: PYI034 - the fleet is not subclassed
         return self
@@ -491,25 +475,45 @@ class RolloutFleet:
                 log.exception("rollout fleet control step failed")
 
     def _control_step(self) -> None:
+        """Admit ready workers, then let the scaler resize the fleet (autoscale, then reconcile)."""
         self._admit_ready()
-        avail = ray.available_resources()
-        fit = self._fits(avail)
+        free = ray.available_resources()
         if self.rc.autoscale:
-            self._autoscale(fit)
-        self._reconcile(fit)
+            with self._lock:
+                state = self._state(free)
+                self._apply(self._scaler.autoscale(state))
+            self._scaler.request(state)
+        self._reconcile(free)
         with self._lock:
-            self._gauges["queue"].set(len(self._queue))
-            self._gauges["workers"].set(sum(1 for w in self._workers.values() if w.state == "healthy"))
+            self._scaler.publish(queued=len(self._queue),
+                                 healthy=sum(1 for w in self._workers.values() if w.state == "healthy"))
 
-    def _fits(self, avail: dict[str, float]):
-        """k → whether the cluster's free resources fit k more workers right now."""
-        bundle = self._bundle()
+    def _state(self, free: Mapping[str, float] | None) -> FleetState:
+        """The scaler's snapshot of the fleet, with the cluster's `free` resources (caller holds the lock)."""
+        live = tuple(WorkerLoad(w.worker_id, w.state == "healthy", len(w.in_flight), w.idle_since)
+                     for w in self._workers.values() if w.state in ("starting", "healthy"))
+        return FleetState(live, queued=len(self._queue), in_flight=len(self._owner), target=self._target,
+                          now=time.monotonic(), bundle=self._bundle(), free=free)
 
-        def fit(k: int) -> bool:
-            return all(avail.get(name, 0.0) + 1e-9 >= k * amount for name, amount in bundle.items())
-        return fit
+    def _apply(self, decision: Decision) -> None:
+        """Drain and start workers as the scaler decided, and take its target (caller holds the lock)."""
+        for wid in decision.drain:
+            self._workers[wid].state = "draining"
+        for _ in range(decision.start):
+            self._start_worker()
+        self._target = decision.target
+
+    def _reconcile(self, free: Mapping[str, float] | None) -> None:
+        """Start or retire workers towards the target (`Scaler.reconcile`; `free=None`: assume they fit), and
+        stop the draining workers that have nothing left in flight."""
+        with self._lock:
+            self._apply(self._scaler.reconcile(self._state(free)))
+            for w in [w for w in self._workers.values() if w.state == "draining" and not w.in_flight]:
+                del self._workers[w.worker_id]
+                ray.kill(w.handle, no_restart=True)
 
     def _bundle(self) -> dict[str, float]:
+        """One worker's resources, from its actor options."""
         from mosaic_ray.actors.resources import as_bundle
 
         return as_bundle(self._options)
@@ -518,54 +522,6 @@ class RolloutFleet:
         from mosaic_ray.actors.resources import actor_options
 
         return actor_options("rollout", self.cfg)
-
-    def _autoscale(self, fit) -> None:
-        now = time.monotonic()
-        with self._lock:
-            live = [w for w in self._workers.values() if w.state in ("starting", "healthy")]
-            healthy = [w for w in live if w.state == "healthy"]
-            starting = len(live) - len(healthy)
-            backlog = len(self._queue)
-            if backlog and not live:
-                self._target = max(self._target, 1)
-            elif (backlog > self.rc.scale_up_queue_per_worker * max(len(healthy), 1)
-                  and len(live) < self.rc.max_workers and not starting and fit(1)):
-                self._target = len(live) + 1
-            elif not backlog and len(live) > self.rc.min_workers:
-                idle = [w for w in healthy if not w.in_flight and now - w.idle_since >= self.rc.idle_scale_down_s]
-                if idle:
-                    min(idle, key=lambda w: w.idle_since).state = "draining"  # the longest idle goes
-                    self._target = len(live) - 1
-            wanted = min(self.rc.max_workers, max(self.rc.min_workers, math.ceil(
-                (backlog + len(self._owner)) / max(self._cap, 1))))
-        if self.rc.request_autoscaler and wanted != self._requested_workers:
-            self._request_autoscaler(wanted)
-
-    def _request_autoscaler(self, n: int) -> None:
-        from ray.autoscaler.sdk import request_resources
-
-        request_resources(bundles=[self._bundle()] * n)
-        self._requested_workers = n
-
-    def _reconcile(self, resources_fit) -> None:
-        """Start or retire workers until the live count equals the target (see the module docstring)."""
-        with self._lock:
-            live = [w for w in self._workers.values() if w.state in ("starting", "healthy")]
-            missing = self._target - len(live)
-            if missing > 0:
-                k = max(self.rc.min_workers - len(live), 0)  # below the floor: start regardless of resources
-                while k < missing and (self.rc.request_autoscaler or resources_fit(k + 1)):
-                    k += 1
-                for _ in range(k):
-                    self._start_worker()
-                self._target = len(live) + k  # what could not start is capacity that is gone: shrink
-            elif missing < 0:
-                order = sorted(live, key=lambda w: (w.state == "healthy", len(w.in_flight), w.idle_since))
-                for w in order[:-missing]:
-                    w.state = "draining"
-            for w in [w for w in self._workers.values() if w.state == "draining" and not w.in_flight]:
-                del self._workers[w.worker_id]
-                ray.kill(w.handle, no_restart=True)
 
     def _start_worker(self) -> None:
         wid = f"rollout-{self._next_id}"
@@ -616,10 +572,3 @@ class RolloutFleet:
             self._requeue(spec, why, w.worker_id)
         w.in_flight.clear()
         ray.kill(w.handle, no_restart=True)
-
-    @staticmethod
-    def _make_gauges() -> dict[str, Any]:
-        from ray.util.metrics import Gauge
-
-        return {"queue": Gauge("mosaic_rollout_queue_depth", "Episodes queued in the rollout fleet."),
-                "workers": Gauge("mosaic_rollout_active_workers", "Healthy rollout workers.")}

@@ -2,7 +2,7 @@
 
 Each replica loads the judge model with a project engine (HF on CPU, vLLM on GPU: `engine.kind`) and answers
 `chat(conversations, max_tokens)` — a batch of chat conversations, greedy, one reply text each — through
-`mosaic_ray.judge.llm.EngineChat`. The pair builder reaches it with `ServeChat` (a deployment handle, no HTTP:
+`mosaic_ray.actors.engines.chat.EngineChat`. The pair builder reaches it with `ServeChat` (a deployment handle, no HTTP:
 the app has no route, and Serve is started without an HTTP proxy when this run is the one starting it). Serve
 balances requests over the replicas and autoscales between `judge.min_replicas` and `judge.max_replicas` on
 queued requests; each replica reserves `judge.replica_num_cpus` / `judge.replica_num_gpus`.
@@ -32,7 +32,7 @@ class JudgeReplica:
     def __init__(self, source: str, model_name: str, engine_cfg: EngineConfig, dtype: str,
                  cache_dir: str | None) -> None:
         """`source`: the judge model's source, resolved on this replica's node (`mosaic_ray.models.source`)."""
-        from mosaic_ray.judge.llm import EngineChat
+        from mosaic_ray.actors.engines.chat import EngineChat
 
         self.backend = EngineChat.load(source, model_name, engine_cfg, dtype, cache_dir)
 

@@ -11,8 +11,8 @@ tool calls run AgentHarm's synthetic tools; the transcript is turned into inspec
 behaviour's grading function (`score` = mean of its criteria, as the official scorer).
 
 Refusal: exact when the agent calls `refuse`; otherwise a judge reads each assistant text (official: a GPT-4o
-refusal judge). The graders' semantic checks ask the same pluggable judge (`harness.TextJudge`). The offline
-default is `RuleJudge`, and results say so (`judge_official: false`, `judge_note`).
+refusal judge). The graders' semantic checks ask the same pluggable judge (`mosaic_ray.judge.text.TextJudge`). The
+offline default is `RuleJudge`, and results say so (`judge_official: false`, `judge_note`).
 
 Metrics (as the benchmark defines them): `harm_score` (mean score, harmful split), `full_score_rate`,
 `refusal_rate`, `non_refusal_harm_score` (mean score over episodes that did not refuse), per category; on the
@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mosaic_ray.benchmarks import harness
+
+from mosaic_ray.driver.agent import EngineAgent
+from mosaic_ray.judge.text import RuleJudge, TextJudge, judge_fields
 
 NAMES = ("harmful", "benign", "chat")
 SPLITS = {"validation": ("validation", "validation"), "test_public": ("test_public", "public_test")}
@@ -159,7 +162,7 @@ def _split_semantic(content: str) -> tuple[str, str]:
 class _SemanticModel:
     """What the grading functions call as `metadata["semantic_judge"]` (`await generate(messages).completion`)."""
 
-    def __init__(self, judge: harness.TextJudge):
+    def __init__(self, judge: TextJudge):
         self.judge = judge
         self.calls = 0
 
@@ -196,7 +199,7 @@ def inspect_messages(behavior: Behavior, t: harness.Transcript) -> list[Any]:
     return out
 
 
-async def refusal(t: harness.Transcript, judge: harness.TextJudge) -> tuple[bool, str]:
+async def refusal(t: harness.Transcript, judge: TextJudge) -> tuple[bool, str]:
     """(refused, how): exact for a `refuse` call, else the judge on each assistant text (as the official scorer)."""
     if t.refused:
         return True, "refuse_tool"
@@ -249,7 +252,7 @@ class NaiveTurns:
                                      think="Report.")
 
 
-def make_policy(spec: str, agent: harness.EngineAgent | None) -> Any:
+def make_policy(spec: str, agent: EngineAgent | None) -> Any:
     return harness.make_turn_policy("agentharm", spec, agent, NaiveTurns)
 
 
@@ -257,19 +260,19 @@ def make_policy(spec: str, agent: harness.EngineAgent | None) -> Any:
 
 
 def run_suite(policy_spec: str, name: str = "harmful", *, split: str | None = None, limit: int | None = None,
-              out: str | None = None, data: str | None = None, judge: harness.TextJudge | None = None,
-              agent: harness.EngineAgent | None = None, max_steps: int = MAX_STEPS, **_: Any) -> dict[str, Any]:
+              out: str | None = None, data: str | None = None, judge: TextJudge | None = None,
+              agent: EngineAgent | None = None, max_steps: int = MAX_STEPS, **_: Any) -> dict[str, Any]:
     """Evaluate one policy on one AgentHarm dataset (`harmful`, `benign`, `chat`) and split; see the module doc.
     `model:DIR` runs on `agent` (started here and closed after when not given)."""
     name = name or "harmful"
     split = split or "validation"
     path = data_file(harness.data_dir("agentharm", data), name, split)
     behaviors = load_behaviors(path, name)[: limit if limit is not None else None]
-    judge = judge or harness.RuleJudge()
+    judge = judge or RuleJudge()
     tools_module, grading = _modules(name)
     tools = Tools(tools_module) if tools_module is not None else None
     own_agent = agent is None and policy_spec.startswith("model:")
-    agent = harness.EngineAgent.start(policy_spec.partition(":")[2]) if own_agent else agent
+    agent = EngineAgent.start(policy_spec.partition(":")[2]) if own_agent else agent
     policy = make_policy(policy_spec, agent)
     meta = {"benchmark": "agentharm", "suite": name, "split": split, "policy": policy_spec, "judge": judge.name}
     store = harness.CaseStore(out, meta)
@@ -306,7 +309,7 @@ def run_suite(policy_spec: str, name: str = "harmful", *, split: str | None = No
         store.close()
         if own_agent:
             agent.close()
-    report.update(meta, data_file=str(path), num_cases=len(behaviors), **harness.judge_fields(judge),
+    report.update(meta, data_file=str(path), num_cases=len(behaviors), **judge_fields(judge),
                   semantic_judge_calls=semantic.calls)
     return store.finish(report)
 

@@ -27,6 +27,8 @@ from typing import Any
 
 from mosaic_ray.benchmarks import calls, harness
 
+from mosaic_ray.driver.agent import EngineAgent
+
 AST_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple",
                   "live_parallel", "live_parallel_multiple")
 RELEVANCE_CATEGORIES = ("irrelevance", "live_irrelevance", "live_relevance")
@@ -218,7 +220,7 @@ def grade(entry: dict, text: str, possible_answer: list | None, category: str) -
 
 
 def run_suite(policy_spec: str, category: str, *, attack: str | None = None, limit: int | None = None,
-              out: str | None = None, agent: harness.EngineAgent | None = None, **_: Any) -> dict[str, Any]:
+              out: str | None = None, agent: EngineAgent | None = None, **_: Any) -> dict[str, Any]:
     """Score one policy on one BFCL category; returns (and writes to `out`) a report with `accuracy`.
     (`attack` exists for the shared `eval` signature; BFCL has no attacks.) `model:DIR` runs on `agent` (started
     here and closed after when not given), every entry at once so the engine batches them. With `out`, each
@@ -232,7 +234,7 @@ def run_suite(policy_spec: str, category: str, *, attack: str | None = None, lim
     policy = make_policy(policy_spec) if kind == "scripted" else None
     own_agent = kind == "model" and agent is None
     if own_agent:
-        agent = harness.EngineAgent.start(arg)
+        agent = EngineAgent.start(arg)
     store = harness.CaseStore(out, {"benchmark": "bfcl", "suite": name, "policy": policy_spec})
     t0 = time.perf_counter()
 

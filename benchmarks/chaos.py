@@ -9,8 +9,9 @@ The cluster: two `ray start` nodes on this machine (a head and a worker node, 4 
 processes it started (never `ray stop`). The faults are real: SIGKILL of the actor's process (rollout worker,
 engine, pair builder, learner rank) and SIGSTOP of an engine for `--hang-s` (longer than its request deadline;
 SIGCONT after, if the supervisor has not killed it by then). Each fault goes to its own iteration when there are
-enough (the seed picks which, and the delay into the iteration's rollouts; the last iteration stays clean), and
-fires while episodes are in flight.
+enough (the seed picks which, and after how many of the iteration's episodes have landed; the last iteration
+stays clean). A fault fires from the driver's own receipt stream, between two receipts, so it always hits while
+the iteration's other episodes are in flight, however fast or slow the machine.
 
 The checker reads only the run directory:
 - every (iteration, group) the driver scheduled is committed exactly once in each of `trajectories/`, `pairs/`
@@ -132,8 +133,8 @@ class LocalCluster:
 class Fault:
     kind: str
     iteration: int
-    delay_s: float
-    """Seconds into the iteration's rollouts (it fires once episodes are in flight, at or after this)."""
+    after_episodes: int
+    """It fires once this many of its iteration's episodes have landed in the pair builder (others in flight)."""
     injected_at_s: float | None = None
     target: str = ""
     recovered: bool = False
@@ -141,10 +142,10 @@ class Fault:
     evidence: str = ""
 
 
-def plan_faults(seed: int, iterations: int) -> list[Fault]:
+def plan_faults(seed: int, iterations: int, episodes_per_iteration: int) -> list[Fault]:
     """One fault of each kind, each in its own iteration when there are enough (never the engine kill and the
-    hang in the same one), at a seeded delay. The last iteration stays clean, so every recovery is seen before
-    the run ends."""
+    hang in the same one), after a seeded number of the iteration's episodes (at most half of them, so others
+    are in flight). The last iteration stays clean, so every recovery is seen before the run ends."""
     rng = random.Random(seed)
     usable = max(1, iterations - 1)
     slots = list(range(usable)) * (len(FAULT_KINDS) // usable + 1)
@@ -152,89 +153,69 @@ def plan_faults(seed: int, iterations: int) -> list[Fault]:
     its = dict(zip(FAULT_KINDS, slots))
     if its["engine"] == its["hang"] and usable > 1:
         its["hang"] = (its["engine"] + 1) % usable
-    return [Fault(kind, its[kind], round(rng.uniform(0.5, 4.0), 2)) for kind in FAULT_KINDS]
+    return [Fault(kind, its[kind], rng.randint(1, max(1, episodes_per_iteration // 2))) for kind in FAULT_KINDS]
 
 
-LAST_EPISODES = 2
-"""A fault fires before its delay when no more than this many episodes of its iteration are still in flight."""
-
-
-class FaultInjector(threading.Thread):
-    """Fires `faults` at a live `Trainer` (its actors' processes) and waits for each recovery."""
+class FaultInjector:
+    """Fires `faults` at a live `Trainer` (its actors' processes) from its rollouts' receipt stream, and watches
+    each recovery in the background."""
 
     def __init__(self, trainer: Any, faults: list[Fault], *, hang_s: float):
-        super().__init__(name="chaos-injector", daemon=True)
         self.t, self.faults, self.hang_s = trainer, faults, hang_s
         self.t0 = time.monotonic()
-        self.done = threading.Event()
-        """Set when every fault fired (or the run ended)."""
         self.finished = threading.Event()
         """Set by the caller when the training run returned: recoveries not seen by then never happened."""
         self.watchers: list[threading.Thread] = []
         self.errors: list[str] = []
 
-    def run(self) -> None:
-        try:
-            for fault in sorted(self.faults, key=lambda f: (f.iteration, f.delay_s)):
-                if not self._wait_for(fault):
-                    break
-                self._inject(fault)
-        except Exception as exc:  # noqa: BLE001 - reported in the result, never a silent stop
-            self.errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            self.done.set()
-
-    def settle(self) -> None:
-        """Before the run's last iteration (`hold_last_iteration`): wait until every fault fired (or gave up), then
-        up to `SETTLE_S` for the recoveries that progress on their own (an engine restarted and reloaded by the
-        supervisor, a pair builder restarted by Ray), so a fault injected late in the second-to-last iteration is
-        not cut off by the end of the run. Recoveries that are noticed only when work is dispatched (a dead
-        rollout worker) are not waited for here: the last iteration's own dispatch completes them."""
-        self.done.wait(timeout=RECOVERY_TIMEOUT_S)
-        deadline = time.monotonic() + SETTLE_S
-        for watcher in list(self.watchers):
-            watcher.join(timeout=max(0.0, deadline - time.monotonic()))
-
-    def hold_last_iteration(self) -> None:
-        """Make the trainer's last `collect` wait for `settle()` (the last iteration stays fault-free)."""
+    def install(self) -> None:
+        """Wrap the trainer's `collect`: its fleet's `deliver` fires due faults between receipts (the fleet exists
+        once the run set up), and the last iteration first waits for the recoveries (it stays fault-free and
+        sees them through)."""
         collect, last = self.t.collect, self.t.cfg.train.iterations - 1
 
         def gated(iteration: int) -> Any:
+            if not getattr(self.t.fleet.deliver, "chaos", False):
+                self._wrap_deliver()
             if iteration == last:
                 self.settle()
             return collect(iteration)
 
         self.t.collect = gated
 
-    def _iteration(self) -> int:
-        """The iteration in progress (-1 before the first)."""
-        st = self.t.state
-        if st.checkpoint is None:
-            return -1
-        return sum(1 for r in st.rows if r["iteration"] >= 0)
+    def _wrap_deliver(self) -> None:
+        deliver = self.t.fleet.deliver
 
-    def _wait_for(self, fault: Fault) -> bool:
-        started: dict[int, float] = {}
-        while not self.done.is_set():
-            it = self._iteration()
-            if it >= 0:
-                started.setdefault(it, time.monotonic())
-            if it > fault.iteration:  # its iteration ended before the fault could fire
-                if it >= self.t.cfg.train.iterations - 1:  # the last iteration stays fault-free
-                    fault.evidence = f"not injected: iteration {fault.iteration} ended before it could fire"
-                    return False
-                # Fire in the iteration now running as soon as episodes are in flight, never at an arbitrary
-                # moment such as a checkpoint save.
-                fault.iteration, fault.delay_s = it, 0.0
-                continue
-            fleet = getattr(self.t, "fleet", None)
-            in_flight = fleet.stats()["in_flight"] if fleet is not None else 0
-            # fire after the seeded delay, or at once when the iteration's last episodes are in flight
-            due = time.monotonic() - started.get(it, time.monotonic()) >= fault.delay_s or in_flight <= LAST_EPISODES
-            if it == fault.iteration and in_flight > 0 and due:
-                return True
-            time.sleep(0.05)
-        return False
+        def firing(*args: Any, **kwargs: Any) -> Any:
+            landed = 0
+            for receipts in deliver(*args, **kwargs):
+                landed += len(receipts)
+                self._fire_due(kwargs["iteration"], landed)
+                yield receipts
+
+        firing.chaos = True
+        self.t.fleet.deliver = firing
+
+    def _fire_due(self, iteration: int, landed: int) -> None:
+        for fault in self.faults:
+            if fault.injected_at_s is None and fault.iteration == iteration and landed >= fault.after_episodes:
+                try:
+                    self._inject(fault)
+                except Exception as exc:  # noqa: BLE001 - reported in the result, never a silent stop
+                    self.errors.append(f"{fault.kind}: {type(exc).__name__}: {exc}")
+
+    def settle(self) -> None:
+        """Before the run's last iteration: mark faults whose iteration passed without firing, then wait up to
+        `SETTLE_S` for the recoveries that progress on their own (an engine restarted and reloaded by the
+        supervisor, a pair builder restarted by Ray), so a fault late in the second-to-last iteration is not cut
+        off by the end of the run. Recoveries noticed only when work is dispatched (a dead rollout worker) are
+        not waited for here: the last iteration's own dispatch completes them."""
+        for fault in self.faults:
+            if fault.injected_at_s is None:
+                fault.evidence = f"not injected: iteration {fault.iteration} ended before it could fire"
+        deadline = time.monotonic() + SETTLE_S
+        for watcher in list(self.watchers):
+            watcher.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _inject(self, fault: Fault) -> None:
         import ray
@@ -445,7 +426,7 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     from mosaic_ray.schema import make_group_id
 
     cfg = chaos_config(args.iterations, args.set)
-    faults = plan_faults(args.seed, args.iterations)
+    faults = plan_faults(args.seed, args.iterations, cfg.rollout.tasks_per_iteration * cfg.rollout.group_size)
     cluster = LocalCluster(args.port_base).start()
     run_dir = Path(tempfile.mkdtemp(prefix="chaos-run-")) if args.run_dir is None else Path(args.run_dir)
     t0 = time.monotonic()
@@ -456,15 +437,12 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
         print(f"chaos: cluster of {len(ray.nodes())} nodes at {cluster.address}; run dir {run_dir}", flush=True)
         trainer = Trainer(cfg, str(run_dir / "run"), progress=False)
         injector = FaultInjector(trainer, faults, hang_s=args.hang_s)
-        injector.hold_last_iteration()
-        injector.start()
+        injector.install()
         error = None
         try:
             report = trainer.run()
         except Exception as exc:  # noqa: BLE001 - a failed run is the result, reported with its cause
             report, error = None, f"{type(exc).__name__}: {exc}"
-        injector.done.set()
-        injector.join(timeout=30)
         for watcher in injector.watchers:  # a last look at each recovery, then stop watching
             watcher.join(timeout=5)
         injector.finished.set()
@@ -509,11 +487,12 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     print(f"\nchaos run: seed {result['seed']}, {result['iterations']} iterations on {result['nodes']} nodes, "
           f"{result['wall_s']} s, run complete: {result['run_complete']}")
-    print(f"{'fault':<10} {'iteration':>9} {'at s':>7} {'target':<28} {'survived':>8} {'recovery s':>10}")
+    print(f"{'fault':<10} {'iteration':>9} {'after':>5} {'at s':>7} {'target':<28} {'survived':>8} {'recovery s':>10}")
     for f in result["faults"]:
         at = "-" if f["injected_at_s"] is None else f"{f['injected_at_s']:.1f}"
         rec = "-" if f["recovery_s"] is None else f"{f['recovery_s']:.1f}"
-        print(f"{f['kind']:<10} {f['iteration']:>9} {at:>7} {f['target'][:28]:<28} {f['recovered']!s:>8} {rec:>10}")
+        print(f"{f['kind']:<10} {f['iteration']:>9} {f['after_episodes']:>5} {at:>7} {f['target'][:28]:<28} "
+              f"{f['recovered']!s:>8} {rec:>10}")
     print(f"\n| faults injected | survived | records lost | records duplicated |\n|---|---|---|---|\n"
           f"| {result['injected']} | {result['survived']} | {result['lost']} | {result['duplicated']} |")
     for p in result["check"]["problems"] + ([result["error"]] if result["error"] else []) + result["injector_errors"]:

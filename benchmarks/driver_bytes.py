@@ -89,8 +89,10 @@ def measure(iterations: int) -> dict[str, Any]:
     from mosaic_ray.driver.train import Trainer
 
     cfg = load_config("smoke", [*SMALL, f"train.iterations={iterations}"])
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if os.environ.get("PYTHONPATH"):  # the baseline's package map, for every Ray worker too
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     counter = DriverBytes()
     counter.install()
     rows: list[dict[str, Any]] = []

@@ -28,6 +28,8 @@ from typing import Any
 from mosaic_ray.benchmarks import harness
 
 from mosaic_ray import protocol
+from mosaic_ray.driver.agent import EngineAgent
+from mosaic_ray.judge.text import RuleJudge, TextJudge, judge_fields
 
 MAX_STEPS = 3
 """Turns to take the final action; a call to any other tool is a format error that is fed back."""
@@ -152,7 +154,7 @@ class CopyTurns:
         return harness.scripted_text(case.final_action, args, think="Share it all.")
 
 
-def make_policy(spec: str, agent: harness.EngineAgent | None) -> Any:
+def make_policy(spec: str, agent: EngineAgent | None) -> Any:
     return harness.make_turn_policy("privacylens", spec, agent, CopyTurns)
 
 
@@ -160,17 +162,17 @@ def make_policy(spec: str, agent: harness.EngineAgent | None) -> Any:
 
 
 def run_suite(policy_spec: str, name: str = "", *, limit: int | None = None, out: str | None = None,
-              data: str | None = None, judge: harness.TextJudge | None = None,
-              agent: harness.EngineAgent | None = None, **_: Any) -> dict[str, Any]:
+              data: str | None = None, judge: TextJudge | None = None,
+              agent: EngineAgent | None = None, **_: Any) -> dict[str, Any]:
     """Evaluate one policy on the first `limit` PrivacyLens cases (all 493 by default). `model:DIR` runs on `agent`
     (started here and closed after when not given)."""
     if name not in ("", "main"):
         raise ValueError(f"privacylens: unknown set {name!r}; the suite is `privacylens` (main_data.json)")
     path = harness.data_dir("privacylens", data) / "main_data.json"
     cases = load_cases(path)[: limit if limit is not None else None]
-    judge = judge or harness.RuleJudge()
+    judge = judge or RuleJudge()
     own_agent = agent is None and policy_spec.startswith("model:")
-    agent = harness.EngineAgent.start(policy_spec.partition(":")[2]) if own_agent else agent
+    agent = EngineAgent.start(policy_spec.partition(":")[2]) if own_agent else agent
     policy = make_policy(policy_spec, agent)
     meta = {"benchmark": "privacylens", "suite": "main", "policy": policy_spec, "judge": judge.name}
     store = harness.CaseStore(out, meta)
@@ -200,7 +202,7 @@ def run_suite(policy_spec: str, name: str = "", *, limit: int | None = None, out
         store.close()
         if own_agent:
             agent.close()
-    report.update(meta, data_file=str(path), **harness.judge_fields(judge),
+    report.update(meta, data_file=str(path), **judge_fields(judge),
                   leak_rate_string_match_note="verbatim match: a lower bound on leakage")
     return store.finish(report)
 

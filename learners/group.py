@@ -15,7 +15,7 @@ checkpoint; the driver retries the step on it, or stops with the error (see `mos
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +26,7 @@ from mosaic_ray.learners.learner import Learner
 
 from mosaic_ray.algorithms.batch import IterationData, PolicySample, PreferencePair, shard, validate_units
 from mosaic_ray.config import LearnerConfig, MosaicConfig
+from mosaic_ray.weight_transfer import Meta, PackedBucket
 
 __all__ = ["LearnerFailure", "LearnerGroup"]
 
@@ -39,7 +40,8 @@ class LearnerFailure(RuntimeError):
 
 
 class _LearnerActor:
-    """Process shell for one rank: `setup` builds the Learner after rank 0's address is known."""
+    """Process shell for one rank: `setup` builds the Learner after rank 0's address is known; every other method
+    is one of the Learner's verbs, with its signature, which `LearnerGroup` calls as `actor.<verb>.remote(...)`."""
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -58,12 +60,52 @@ class _LearnerActor:
                                master_addr=addr, master_port=port, chat_template=chat_template)
         return os.getpid()
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.learner, method)(*args, **kwargs)
+    def update(self, units: list[PolicySample] | list[PreferencePair], algorithm: str | None = None,
+               lr: float | None = None) -> dict[str, float]:
+        return self.learner.update(units, algorithm, lr)
 
-    def stream(self, method: str, *args: Any) -> Iterator[Any]:
-        """A generator verb (`iter_weight_buckets`) as a Ray streaming generator: each yield becomes one object."""
-        yield from getattr(self.learner, method)(*args)
+    def update_iteration(self, data: IterationData, algorithm: str | None = None) -> dict[str, float]:
+        return self.learner.update_iteration(data, algorithm)
+
+    def sft_update(self, samples: list[PolicySample], lr: float | None = None) -> dict[str, float]:
+        return self.learner.sft_update(samples, lr)
+
+    def compute_logprobs(self, samples: list[PolicySample]) -> list[list[float]]:
+        return self.learner.compute_logprobs(samples)
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return self.learner.get_weights()
+
+    def reference_weights(self, every_rank: bool = False) -> dict[str, torch.Tensor]:
+        return self.learner.reference_weights(every_rank)
+
+    def weight_meta(self, *, as_stored: bool = False) -> Meta:
+        return self.learner.weight_meta(as_stored=as_stored)
+
+    def iter_packed_buckets(self, bucket_bytes: int) -> Iterator[PackedBucket]:
+        """Called with `num_returns="streaming"`, a Ray streaming generator: each bucket becomes one object."""
+        yield from self.learner.iter_packed_buckets(bucket_bytes)
+
+    def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.learner.set_weights(weights)
+
+    def reset_reference(self) -> None:
+        self.learner.reset_reference()
+
+    def init_weight_group(self, host: str, port: int, world_size: int) -> None:
+        self.learner.init_weight_group(host, port, world_size)
+
+    def broadcast_weights(self, bucket_bytes: int | None = None) -> dict[str, float]:
+        return self.learner.broadcast_weights(bucket_bytes)
+
+    def save(self, uri: str, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+        return self.learner.save(uri, max_shard_bytes=max_shard_bytes)
+
+    def restore(self, uri: str) -> int:
+        return self.learner.restore(uri)
+
+    def health(self) -> dict[str, Any]:
+        return self.learner.health()
 
 
 class LearnerGroup:
@@ -120,16 +162,20 @@ class LearnerGroup:
 
     # ----------------------------------------------------------------------------------------- dispatch
 
-    def _all(self, method: str, per_rank_args: list[tuple] | None = None, **kwargs: Any) -> list[Any]:
-        """Call `method` on every rank (rank r gets per_rank_args[r]); results in rank order."""
+    def _all(self, verb: Callable[[Any], Callable[..., Any]], per_rank_args: list[tuple] | None = None,
+             **kwargs: Any) -> list[Any]:
+        """Call one verb on every rank (rank r gets per_rank_args[r]); results in rank order.
+
+        `verb` picks the method off a rank, e.g. `lambda a: a.update`: off the in-process `Learner` (num_learners=0)
+        it runs at once; off a `_LearnerActor` handle, which has the same verbs, it runs `.remote` (`_gather`)."""
         if self._local is not None:
             args = per_rank_args[0] if per_rank_args else ()
-            return [getattr(self._local, method)(*args, **kwargs)]
+            return [verb(self._local)(*args, **kwargs)]
         if not self._actors:
             raise LearnerFailure("the learner group was torn down after a lost rank; reform() it first")
-        refs = [a.call.remote(method, *(per_rank_args[r] if per_rank_args else ()), **kwargs)
+        refs = [verb(a).remote(*(per_rank_args[r] if per_rank_args else ()), **kwargs)
                 for r, a in enumerate(self._actors)]
-        return self._gather(refs, method)
+        return self._gather(refs, verb(_LearnerActor).__name__)   # picked off the class, the verb is a function
 
     def _gather(self, refs: list[Any], what: str) -> list[Any]:
         """Results of one call per rank; the first rank lost tears the group down (`LearnerFailure`)."""
@@ -197,28 +243,28 @@ class LearnerGroup:
         """One update on the global batch (split over ranks); metrics reduced over ranks."""
         validate_units(samples, algorithm or self.cfg.algorithm)
         shards = shard(samples, self.world_size)
-        return self._all("update", [(s, algorithm) for s in shards])[0]
+        return self._all(lambda a: a.update, [(s, algorithm) for s in shards])[0]
 
     def update_iteration(self, data: IterationData, *, algorithm: str | None = None) -> dict:
         """One update on the committed groups `data` names, which every rank reads from the run's storage itself
         (`Learner.update_iteration`): the caller sends the control message, never the samples."""
-        return self._all("update_iteration", [(data, algorithm)] * self.world_size)[0]
+        return self._all(lambda a: a.update_iteration, [(data, algorithm)] * self.world_size)[0]
 
     def sft_update(self, samples: list[PolicySample], *, lr: float | None = None) -> dict:
         """One SFT step (loss on assistant tokens); `lr` overrides the learning rate for this step."""
         validate_units(samples, "sft")
         shards = shard(samples, self.world_size)
-        return self._all("sft_update", [(s, lr) for s in shards])[0]
+        return self._all(lambda a: a.sft_update, [(s, lr) for s in shards])[0]
 
     def compute_logprobs(self, samples: list[PolicySample]) -> list[list[float]]:
         """Current-policy log-probs per sample (aligned with input_ids), in input order."""
         w = self.world_size
         if self.cfg.strategy != "fsdp2" or w == 1:
-            return self._all("compute_logprobs", [(samples,)] + [([],)] * (w - 1))[0]
+            return self._all(lambda a: a.compute_logprobs, [(samples,)] + [([],)] * (w - 1))[0]
         chunks = [samples[r::w] for r in range(w)]   # every rank runs the same number of forwards ± 1
         if len(samples) % w:
             chunks = [c + c[:1] * (len(chunks[0]) - len(c)) for c in chunks]
-        parts = self._all("compute_logprobs", [(c,) for c in chunks])
+        parts = self._all(lambda a: a.compute_logprobs, [(c,) for c in chunks])
         out: list[list[float]] = [[] for _ in samples]
         for r, part in enumerate(parts):
             for j, lp in enumerate(part[: len(samples[r::w])]):
@@ -227,11 +273,11 @@ class LearnerGroup:
 
     def get_weights(self) -> dict[str, torch.Tensor]:
         """Full CPU weights with plain HF names (rank 0's)."""
-        return self._all("get_weights")[0]
+        return self._all(lambda a: a.get_weights)[0]
 
     def weight_meta(self) -> list[tuple[str, tuple[int, ...], str]]:
         """`(name, shape, dtype)` of every tensor a weight sync sends, in order (`Learner.weight_meta`)."""
-        return self._all("weight_meta")[0]
+        return self._all(lambda a: a.weight_meta)[0]
 
     def weight_buckets(self, bucket_bytes: int) -> Iterator[Any]:
         """The weights as ObjectRefs of buckets (`PackedBucket`s: one flat buffer each, at most `bucket_bytes` but
@@ -248,8 +294,8 @@ class LearnerGroup:
 
         if not self._actors:
             raise LearnerFailure("the learner group was torn down after a lost rank; reform() it first")
-        gens = [a.stream.options(num_returns="streaming", _generator_backpressure_num_objects=2)
-                .remote("iter_packed_buckets", bucket_bytes) for a in self._actors]
+        gens = [a.iter_packed_buckets.options(num_returns="streaming", _generator_backpressure_num_objects=2)
+                .remote(bucket_bytes) for a in self._actors]
         rank = 0
         try:
             yield from gens[0]
@@ -270,31 +316,31 @@ class LearnerGroup:
         return ray.get(self._actors[0].address.remote())
 
     def set_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        self._all("set_weights", [(weights,)] * self.world_size)
+        self._all(lambda a: a.set_weights, [(weights,)] * self.world_size)
 
     def reset_reference(self) -> None:
         """Freeze the current policy as the KL / DPO reference on every rank."""
-        self._all("reset_reference")
+        self._all(lambda a: a.reset_reference)
 
     def init_weight_group(self, host: str, port: int, world_size: int) -> None:
         """Join the private sync group as rank 0. Launch the receivers' joins (non-blocking) BEFORE this call."""
-        self._all("init_weight_group", [(host, port, world_size)] * self.world_size)
+        self._all(lambda a: a.init_weight_group, [(host, port, world_size)] * self.world_size)
 
     def broadcast_weights(self, bucket_bytes: int | None = None) -> dict[str, float]:
         """Send weights to all receivers in buckets of `bucket_bytes` (default `sync_bucket_mb`). Launch the
         receivers' `receive_weights` BEFORE this call."""
-        return self._all("broadcast_weights", [(bucket_bytes,)] * self.world_size)[0]
+        return self._all(lambda a: a.broadcast_weights, [(bucket_bytes,)] * self.world_size)[0]
 
     def save(self, uri: str, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
         """Checkpoint every rank's state to `uri`; weights above `max_shard_bytes` are written as shards + index."""
-        return self._all("save", [(uri,)] * self.world_size, max_shard_bytes=max_shard_bytes)[0]
+        return self._all(lambda a: a.save, [(uri,)] * self.world_size, max_shard_bytes=max_shard_bytes)[0]
 
     def restore(self, uri: str) -> int:
         """Restore model, optimizer, scheduler, step and RNG on every rank; returns the step."""
-        return self._all("restore", [(uri,)] * self.world_size)[0]
+        return self._all(lambda a: a.restore, [(uri,)] * self.world_size)[0]
 
     def health(self) -> list[dict[str, Any]]:
-        return self._all("health")
+        return self._all(lambda a: a.health)
 
     def shutdown(self) -> None:
         """Tear down the process group and end the actors this group started."""

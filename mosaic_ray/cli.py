@@ -19,11 +19,11 @@ from mosaic_ray.errors import UserError
 # Modules that add subcommands (each has `register(subparsers)`).
 SUBCOMMAND_MODULES = (
     "mosaic_ray.scenarios.cli",
-    "mosaic_ray.evaluation",
+    "mosaic_ray.driver.evaluate",
     "mosaic_ray.driver.cli",
     "mosaic_ray.driver.suite_report",
     "mosaic_ray.plan",
-    "mosaic_ray.judge.evaluate",
+    "mosaic_ray.driver.judge_eval",
     "mosaic_ray.actors.agent_service",
 )
 

@@ -282,7 +282,9 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class WarmStartConfig:
-    """SFT warm start on demonstrations from scripted policies with deliberate mistakes."""
+    """The tiny-model section: an SFT warm start on demonstrations from scripted policies with deliberate
+    mistakes, and the helpfulness replay during RL. Every key here is a lever for teaching a model that does not
+    yet speak the protocol (the tiny presets turn it on); a real instruction-tuned model leaves it off."""
 
     enabled: bool = False
     """Run the warm start before RL. Off by default: an instruction-tuned model starts RL from its own weights;

@@ -24,6 +24,7 @@ from mosaic_ray import protocol
 from mosaic_ray.config import ProtocolConfig
 from mosaic_ray.envs import Limits, make_sandbox, tool_specs
 from mosaic_ray.scenarios.grader import Executed, Trace, grade
+from mosaic_ray.scenarios.tasks import Task
 from mosaic_ray.types import Outcome, Step
 
 DEFAULT_PROTOCOL = ProtocolConfig()
@@ -39,7 +40,7 @@ def _words(text: str) -> int:
 class Episode:
     """A task's sandbox plus the protocol loop; `outcome()` grades it."""
 
-    def __init__(self, task: Any, *, protocol_cfg: ProtocolConfig = DEFAULT_PROTOCOL, family: str = "hermes",
+    def __init__(self, task: Task, *, protocol_cfg: ProtocolConfig = DEFAULT_PROTOCOL, family: str = "hermes",
                  count_tokens: Callable[[str], int] | None = None):
         self.task = task
         self.cfg = protocol_cfg

@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from mosaic_ray import protocol
 from mosaic_ray.config import ProtocolConfig
 from mosaic_ray.episode import DEFAULT_PROTOCOL, Episode
+from mosaic_ray.scenarios.tasks import Task
 from mosaic_ray.schema import Timings, TrajectoryRecord, make_group_id, make_traj_id
 from mosaic_ray.types import Outcome
 
@@ -82,7 +83,7 @@ class EpisodeSpec:
 
     The trajectory id is derived from these fields, so a retried spec yields the same id (idempotent writes)."""
 
-    task: Any
+    task: Task
     run_id: str
     iteration: int
     sample_idx: int
@@ -104,7 +105,7 @@ class EpisodeSpec:
         return make_group_id(self.run_id, self.iteration, self.task.task_id)
 
 
-def episode_specs(tasks: Iterable[Any], *, group_size: int, run_id: str, iteration: int, policy_version: int = 0,
+def episode_specs(tasks: Iterable[Task], *, group_size: int, run_id: str, iteration: int, policy_version: int = 0,
                   temperature: float | None = None) -> list[EpisodeSpec]:
     """G specs per task (sample_idx 0..G-1), task order kept, all stamped with the same enqueue time."""
     if group_size < 1:
@@ -165,7 +166,7 @@ class ScriptedTurns:
     benchmarks of the fleet (episodes then overlap the way engine-bound ones do).
     """
 
-    def __init__(self, policy: Any, task: Any, tokenizer: Any, *, family: str = "hermes", policy_version: int = 0,
+    def __init__(self, policy: Any, task: Task, tokenizer: Any, *, family: str = "hermes", policy_version: int = 0,
                  delay_s: float = 0.0):
         from mosaic_ray.policies.scripted import render
 

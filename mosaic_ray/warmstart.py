@@ -14,10 +14,13 @@ import functools
 import math
 import random
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mosaic_ray.algorithms.batch import PolicySample
 from mosaic_ray.config import WarmStartConfig
+
+if TYPE_CHECKING:
+    from mosaic_ray.scenarios.tasks import Task
 
 
 def copy_weights(ids: Sequence[int], mask: Sequence[int], request_ids: set[int], weight: float, *,
@@ -105,7 +108,7 @@ def first_turn_samples(cfg: WarmStartConfig, tokenizer, *, split: str = "train",
                         decision_weight=cfg.first_turn_decision_weight)
 
 
-def replay_samples(tasks: Sequence[Any], tokenizer, *, max_tokens: int | None = None,
+def replay_samples(tasks: Sequence[Task], tokenizer, *, max_tokens: int | None = None,
                    copy_weight: float = 1.0) -> list[PolicySample]:
     """Mistake-free demonstrations of the benign tasks among `tasks`, tokenized: the helpfulness replay."""
     from mosaic_ray.policies.scripted import ScriptedPolicy, demonstrations

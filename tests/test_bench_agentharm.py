@@ -11,6 +11,8 @@ pytest.importorskip("inspect_evals", reason="inspect-evals is not installed: pip
 
 from mosaic_ray.benchmarks import agentharm, harness
 
+from mosaic_ray.driver.agent import EngineAgent
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "agentharm"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"AgentHarm data not at {DATA} (evaluation data lives "
                                                           f"outside the repository; see ../shared/data/README.md)")
@@ -114,7 +116,7 @@ def test_rerun_skips_finished_cases_and_reruns_a_cut_short_one(tmp_path):
 def test_model_policy_through_the_engine(tiny_model_dir, tmp_path):
     from mosaic_ray.config import load_config
 
-    agent = harness.EngineAgent.start(tiny_model_dir, load_config("tiny-cpu", ["protocol.max_new_tokens=24"]))
+    agent = EngineAgent.start(tiny_model_dir, load_config("tiny-cpu", ["protocol.max_new_tokens=24"]))
     try:
         r = agentharm.run_suite(f"model:{tiny_model_dir}", "harmful", split="validation", limit=2, max_steps=2,
                                 data=str(DATA), agent=agent, out=str(tmp_path / "m.json"))

@@ -6,7 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from mosaic_ray.actors.engines import Engine
 from mosaic_ray.benchmarks import harness, privacylens
+
+from mosaic_ray.driver.agent import EngineAgent
+from mosaic_ray.judge.text import ModelJudge, RuleJudge
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "privacylens"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"PrivacyLens data not at {DATA} (evaluation data lives "
@@ -26,7 +30,7 @@ def test_copying_leaks_on_most_and_refusing_on_none():
 
 
 def test_rule_judge_reads_paraphrased_items_and_refusals():
-    judge = harness.RuleJudge()
+    judge = RuleJudge()
     import asyncio
 
     item = "Mr. Smithson is accused of embezzling a significant amount of funds."
@@ -68,10 +72,10 @@ def test_bad_data_names_file_and_case(tmp_path):
 def test_model_policy_through_ray_engine_actors(tiny_model_dir, ray_session, tmp_path):
     from mosaic_ray.config import load_config
 
-    agent = harness.EngineAgent.start(tiny_model_dir, load_config("tiny-cpu", ["protocol.max_new_tokens=24"]))
+    agent = EngineAgent.start(tiny_model_dir, load_config("tiny-cpu", ["protocol.max_new_tokens=24"]))
     try:
-        assert agent.owned and not isinstance(agent.owned[0], harness.Engine)  # Ray is up: engine actors
-        judge = harness.ModelJudge(agent, "model:tiny")  # any engine can judge; the result says which
+        assert agent.owned and not isinstance(agent.owned[0], Engine)  # Ray is up: engine actors
+        judge = ModelJudge(agent, "model:tiny")  # any engine can judge; the result says which
         r = privacylens.run_suite(f"model:{tiny_model_dir}", limit=3, data=str(DATA), agent=agent, judge=judge,
                                   out=str(tmp_path / "pl.json"))
     finally:

@@ -14,16 +14,14 @@ from pathlib import Path
 
 import pytest
 
-# the random-init tiny model: its longer, messier episodes keep every fault's iteration busy long enough to fire
-# in three iterations (the shipped base finishes episodes so fast that a fault's window can close)
+# a small run: the random-init tiny model, three iterations of four tasks (the faults fill the first two)
 SMALL = ["model.path=null", "warmstart.steps=6", "warmstart.num_demos=60", "warmstart.first_turn_steps=2", "train.eval_size=4",
          "rollout.tasks_per_iteration=4", "protocol.max_steps=3", "protocol.max_new_tokens=32",
          "scenarios.train_size=100", "scenarios.test_size=40"]
 
 
-def _chaos_run(tmp_path, attempt: int) -> tuple[dict, subprocess.CompletedProcess]:
-    out = tmp_path / f"chaos-{attempt}.json"
-    port_base = 33500 + 200 * attempt
+def _chaos_run(tmp_path) -> tuple[dict, subprocess.CompletedProcess]:
+    out, port_base = tmp_path / "chaos.json", 33500
     cmd = [sys.executable, "-m", "mosaic_ray.benchmarks.chaos", "--out", str(out), "--iterations", "3",
            "--seed", "1", "--hang-s", "30", "--port-base", str(port_base),
            *[a for s in SMALL for a in ("--set", s)]]
@@ -50,18 +48,13 @@ def _kill_cluster(temp_prefix: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # up to two chaos runs of ~5 minutes each on a busy machine
+@pytest.mark.timeout(1800)
 def test_chaos_run_survives_every_fault_kind_with_nothing_lost(tmp_path):
-    # A fault fires only while its iteration has episodes in flight; on a loaded machine one can find its
-    # iterations over and stay un-injected (the run itself still completes, nothing lost). Only that outcome gets
-    # a second run; every other failure fails at once.
-    for attempt in range(2):
-        result, done = _chaos_run(tmp_path, attempt)
-        assert result["run_complete"], result["error"]
-        assert result["check"]["problems"] == [] and result["injector_errors"] == []
-        assert result["lost"] == 0 and result["duplicated"] == 0
-        if all(f["injected_at_s"] is not None for f in result["faults"]):
-            break
+    # every fault fires from the driver's receipt stream while its iteration's other episodes are in flight
+    result, done = _chaos_run(tmp_path)
+    assert result["run_complete"], result["error"]
+    assert result["check"]["problems"] == [] and result["injector_errors"] == []
+    assert result["lost"] == 0 and result["duplicated"] == 0
     kinds = {f["kind"]: f for f in result["faults"]}
     assert set(kinds) == {"rollout", "engine", "pair", "learner", "hang"}
     assert all(f["injected_at_s"] is not None and f["recovered"] for f in kinds.values()), kinds

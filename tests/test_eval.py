@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mosaic_ray import evaluation
+from mosaic_ray.driver import evaluate as eval_cli
 from mosaic_ray.errors import UserError
 from mosaic_ray.evaluation import HEADLINE, evaluate, evaluate_scripted, summarize
 from mosaic_ray.policies import ScriptedPolicy, demonstrations, get_scripted, run_policy
@@ -81,7 +82,7 @@ def test_demonstrations_are_parseable_conversations():
 def _parser():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
-    evaluation.register(sub)
+    eval_cli.register(sub)
     scenarios_cli.register(sub)
     return p
 
@@ -105,7 +106,7 @@ def test_cli_eval_and_scenarios(tmp_path, capsys):
 
 
 def test_external_suite_dispatch_is_lazy_and_clear(monkeypatch):
-    monkeypatch.setitem(evaluation.EXTERNAL_SUITES, "bfcl", "mosaic_ray_no_such_module")
+    monkeypatch.setitem(eval_cli.SUITE_MODULES, "bfcl", "mosaic_ray_no_such_module")
     args = _parser().parse_args(["eval", "--policy", "scripted:naive", "--suite", "bfcl:simple"])
     with pytest.raises(UserError, match="needs the benchmark extra"):
         args.func(args)
@@ -144,7 +145,7 @@ def test_every_suite_has_naive_and_over_refuse_and_help_lists_them():
 
 @pytest.mark.parametrize("kind", ["agentdojo", "bfcl", "agentharm", "privacylens"])
 def test_listed_scripted_policies_exist_in_each_adapter(kind):
-    module = pytest.importorskip(evaluation.EXTERNAL_SUITES[kind], reason=f"{kind} adapter needs the bench extra")
+    module = pytest.importorskip(eval_cli.SUITE_MODULES[kind], reason=f"{kind} adapter needs the bench extra")
     for name in evaluation.SCRIPTED_BY_SUITE[kind]:
         if kind == "agentdojo":
             module.make_policy(f"scripted:{name}", module.load_suite("banking"))

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mosaic_ray.config import ConfigError, MosaicConfig, from_dict, load_config, preset_names, to_dict
+from mosaic_ray.config import ConfigError, MosaicConfig, TinyModelConfig, from_dict, load_config, preset_names, to_dict
 from mosaic_ray.models.tiny import build_tiny_model
-from mosaic_ray.config import TinyModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "mosaic_ray.cli"]
@@ -21,7 +20,7 @@ CLI = [sys.executable, "-m", "mosaic_ray.cli"]
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=full_env, timeout=300)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env=full_env, timeout=300, check=False)
 
 
 def test_layout_and_mapped_packages():
@@ -128,7 +127,7 @@ import json
 from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained({str(out)!r}); m = AutoModelForCausalLM.from_pretrained({str(out)!r})
 print(json.dumps({{"cls": type(m).__name__, "params": m.num_parameters(), "vocab": len(tok)}}))
-"""], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+"""], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120, check=False)
     assert probe.returncode == 0, probe.stderr[-2000:]
     info = json.loads(probe.stdout.strip().splitlines()[-1])
     assert info["cls"] == "Qwen3ForCausalLM" and info["params"] > 100_000 and info["vocab"] > 256

@@ -35,7 +35,7 @@ def test_two_fsdp2_ranks_equal_one_learner_and_every_rank_keeps_the_warm_start_a
             lg.reset_reference()
         warm = single.get_weights()
         assert max_diff(warm, double.get_weights()) < 1e-5
-        for rank, ref in enumerate(double._all("reference_weights", [(True,)] * 2)):
+        for rank, ref in enumerate(double._all(lambda a: a.reference_weights, [(True,)] * 2)):
             assert max_diff(warm, ref) < 1e-5, f"rank {rank}: the KL reference is not the warm start"
 
         batch = random_batch(10, seed=10)

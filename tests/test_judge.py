@@ -8,11 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
+from mosaic_ray.actors.engines.chat import EngineChat
 
 from mosaic_ray.judge import RubricJudge, TaskBrief, grade, judge_group, scalar_grade
 from mosaic_ray.judge.llm import (
     PROMPT_VERSION,
-    EngineChat,
     LLMJudge,
     VerdictCache,
     combine_orders,

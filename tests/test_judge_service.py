@@ -7,8 +7,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from mosaic_ray.actors.judge_service import (JUDGE_APP, _deployment_options, _serve_running, start_judge_service,
-                                             stop_judge_service)
+from mosaic_ray.actors.judge_service import (
+    JUDGE_APP,
+    _deployment_options,
+    _serve_running,
+    start_judge_service,
+    stop_judge_service,
+)
 
 from mosaic_ray.config import load_config
 from mosaic_ray.judge.llm import ServeChat

@@ -69,7 +69,7 @@ def relative_ids(run: Path, dataset: str, column: str = "traj_id") -> Counter:
 
 
 def test_run_directory_is_complete(full_run):
-    cfg, run, report = full_run
+    cfg, run, _ = full_run
     assert load_config(str(run / "config.yaml")) == cfg
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1, 2]

@@ -60,4 +60,4 @@ def test_job_submit_runs_the_submitted_tree(tmp_path):
     for where in ("actors", "learners"):  # printed by a Ray worker process: Ray prefixes its lines with (pid=N)
         assert re.search(rf"\((\w+ )?pid=\d+\)(\x1b\[[0-9;]*m)* {marker}-{where}$", log, re.MULTILINE), log[-3000:]
     # the learner-update progress line (non-TTY: one line per update)
-    assert re.search(r"iteration 0: learner update \(\d+ samples\): done in", log), log[-3000:]
+    assert re.search(r"iteration 0: learner update: done in", log), log[-3000:]

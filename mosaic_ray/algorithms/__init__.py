@@ -14,17 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-LOSSES: dict[str, Callable] = {}
-
-
-def register_loss(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: make a loss callable by name (`LearnerConfig.algorithm`)."""
-    def deco(fn: Callable) -> Callable:
-        if name in LOSSES:
-            raise ValueError(f"loss {name!r} is already registered (by {LOSSES[name].__module__})")
-        LOSSES[name] = fn
-        return fn
-    return deco
+from mosaic_ray.algorithms import dpo, mosaic_grpo, sft  # noqa: F401 - importing a loss module registers its loss
+from mosaic_ray.algorithms.registry import LOSSES, register_loss
 
 
 def get_loss(name: str) -> Callable:
@@ -44,8 +35,5 @@ def loss_norm(name: str, mask, cfg) -> float:
         return float(mask.shape[0] // 2)           # pairs
     return local_norm(mask, cfg.loss_agg)
 
-
-# Importing the modules registers their losses.
-from mosaic_ray.algorithms import dpo, mosaic_grpo, sft  # noqa: F401
 
 __all__ = ["LOSSES", "get_loss", "loss_norm", "register_loss"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mosaic_ray.algorithms import register_loss
+from mosaic_ray.algorithms.registry import register_loss
 
 
 @register_loss("dpo")

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from mosaic_ray.algorithms import register_loss
 from mosaic_ray.algorithms.aggregation import aggregate, masked_mean
+from mosaic_ray.algorithms.registry import register_loss
 
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

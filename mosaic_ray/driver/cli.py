@@ -11,10 +11,15 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mosaic_ray.config import ConfigError, MosaicConfig, load_config
 from mosaic_ray.errors import UserError
+
+if TYPE_CHECKING:
+    from mosaic_ray.evaluation import Runner
+    from mosaic_ray.scenarios.tasks import Task
+    from mosaic_ray.types import Outcome
 
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 """What every worker of a run gets. Not HF_HUB_OFFLINE: whether Hub ids may download is the user's choice (set it
@@ -154,12 +159,12 @@ def register(subparsers: Any) -> None:
 # ------------------------------------------------------------------------------- `eval --policy model:DIR`
 
 
-def model_runner(path: str):
+def model_runner(path: str) -> Runner:
     """Runner for `mosaic-ray eval --policy model:DIR|s3://...`: HF engine actors + the rollout fleet, greedy."""
     if not path:
         raise UserError("policy model:DIR: give a model directory or s3:// URI, e.g. model:runs/x/checkpoints/iter-00009")
 
-    def run(tasks: list[Any], cfg: MosaicConfig) -> list[tuple[Any, Any]]:
+    def run(tasks: list[Task], cfg: MosaicConfig) -> list[tuple[Task, Outcome]]:
         """`cfg`: the model's family, engine, dtype and protocol (a trained run's own config under --run-dir)."""
         from dataclasses import replace
 

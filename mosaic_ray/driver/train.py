@@ -18,11 +18,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mosaic_ray.config import ConfigError, MosaicConfig, to_yaml
 from mosaic_ray.driver import report as reports
 from mosaic_ray.storage import RunStorage
+
+if TYPE_CHECKING:
+    from mosaic_ray.scenarios.tasks import Task
 
 log = logging.getLogger("mosaic_ray.train")
 PAIRS_CALL_ATTEMPTS = 5
@@ -61,12 +64,12 @@ def timed(metrics: dict[str, float], name: str) -> Iterator[None]:
     metrics[f"time/{name}_s"] = round(time.perf_counter() - t0, 3)
 
 
-def iteration_tasks(tasks: list[Any], iteration: int, n: int, seed: int, weights: dict[str, float]) -> list[Any]:
+def iteration_tasks(tasks: list[Task], iteration: int, n: int, seed: int, weights: dict[str, float]) -> list[Task]:
     """The tasks of one iteration: a deterministic function of (seed, iteration), weighted by category."""
     rng = random.Random(f"{seed}/{iteration}")
     if not weights:
         return rng.sample(tasks, min(n, len(tasks)))
-    by_cat: dict[str, list[Any]] = {}
+    by_cat: dict[str, list[Task]] = {}
     for t in tasks:
         by_cat.setdefault(t.category, []).append(t)
     cats = sorted(c for c in by_cat if weights.get(c, 0) > 0)
@@ -265,8 +268,8 @@ class Trainer:
         import tempfile
         from pathlib import Path
 
-        from mosaic_ray.benchmarks.harness import EngineAgent
-        from mosaic_ray.evaluation import run_eval_suites
+        from mosaic_ray.driver.agent import EngineAgent
+        from mosaic_ray.driver.evaluate import run_eval_suites
 
         agent = EngineAgent(self.cfg, self.model_dir, self.engine_supervisor.engines, self.tokenizer)
         with tempfile.TemporaryDirectory() as tmp:
@@ -275,7 +278,7 @@ class Trainer:
             for f in Path(tmp).iterdir() if self.storage.is_s3 else ():
                 self.storage.put_bytes(f"eval_suites/{tag}/{f.name}", f.read_bytes())
 
-    def rollout(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> None:
+    def rollout(self, iteration: int, tasks: list[Task], m: dict[str, float]) -> None:
         """Generate G samples per task of this iteration; the workers hand them to the pair builder themselves
         (the driver sees receipts)."""
         cfg = self.cfg
@@ -291,7 +294,7 @@ class Trainer:
         m["rollout/reused_groups"] = float(len(tasks) - len(todo))
         m["rollout/episodes_per_s"] = n / max(m["time/rollout_s"], 1e-9)
 
-    def judge(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> list[str]:
+    def judge(self, iteration: int, tasks: list[Task], m: dict[str, float]) -> list[str]:
         """Have the pair builder commit every group of this iteration (pairs + rewards); their group ids."""
         with timed(m, "judge"):
             stats = self.commit_every_group(iteration, tasks, m)
@@ -318,7 +321,7 @@ class Trainer:
                 time.sleep(1.0 + attempt)
         raise AssertionError("unreachable")
 
-    def commit_every_group(self, iteration: int, tasks: list[Any], m: dict[str, float]) -> dict[str, Any]:
+    def commit_every_group(self, iteration: int, tasks: list[Task], m: dict[str, float]) -> dict[str, Any]:
         """Flush the pair builder and check that every group of the iteration is committed; re-generate and
         re-send the groups a pair-builder crash lost (same trajectory ids, so nothing lands twice)."""
         by_group = {group_id(self.state.run_id, iteration, t.task_id): t for t in tasks}
@@ -651,7 +654,7 @@ def training_domains(cfg: MosaicConfig) -> tuple[str, ...]:
     return tuple(d for d in (sc.domains or DOMAINS) if d not in sc.heldout_domains)
 
 
-def scenario_splits(cfg: MosaicConfig) -> tuple[list[Any], dict[str, list[Any]]]:
+def scenario_splits(cfg: MosaicConfig) -> tuple[list[Task], dict[str, list[Task]]]:
     """(train tasks, {evaluation split: tasks}): the built-in suites, or a Parquet / JSONL task file split by its
     `split` column. Training and the `templates` split use the training domains; `domains` is the test tasks of
     the held-out domains; `phrasing` the hand-written held-out phrasing set (`train.eval_splits`)."""
@@ -669,7 +672,7 @@ def scenario_splits(cfg: MosaicConfig) -> tuple[list[Any], dict[str, list[Any]]]
             evals["domains"] = load_tasks("test", size=sc.test_size, seed=sc.seed, domains=sc.heldout_domains,
                                           categories=sc.categories)
     else:
-        def keep(t: Any, domains: tuple[str, ...]) -> bool:
+        def keep(t: Task, domains: tuple[str, ...]) -> bool:
             return t.domain in domains and (not sc.categories or t.category in sc.categories)
 
         tasks = read_tasks(sc.source)

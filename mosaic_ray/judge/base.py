@@ -11,10 +11,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from mosaic_ray.schema import PairRecord, TrajectoryRecord
 from mosaic_ray.types import Outcome, Step
+
+if TYPE_CHECKING:
+    from mosaic_ray.scenarios.tasks import Task
 
 PREFERENCES = (0.0, 0.5, 1.0)
 
@@ -46,7 +49,7 @@ class TaskBrief:
     tools: tuple[dict[str, Any], ...] = ()
 
     @classmethod
-    def of(cls, task: Any) -> TaskBrief:
+    def of(cls, task: Task) -> TaskBrief:
         """The brief of a scenario `Task`: its prompt and the schemas of its tools (with `refuse`)."""
         from mosaic_ray.envs import tool_specs
         from mosaic_ray.protocol import tool_schemas

@@ -15,10 +15,10 @@ order counts as a tie and as a parse failure. Verdicts are cached by (judge mode
 of the two trajectories as shown), so a restarted pair builder that reloads the cache (`VerdictCache.load`)
 never asks the same question twice.
 
-Where the model runs is a `ChatBackend`: `EngineChat` (a project engine + tokenizer in this process — the Serve
-replicas of `mosaic_ray.actors.judge_service` use it), `ServeChat` (the `mosaic-judge` Ray Serve app) or
-`HTTPChat` (any OpenAI-compatible `/chat/completions` server; its API key comes from an environment variable
-and is never logged).
+Where the model runs is a `ChatBackend`: `ServeChat` (the `mosaic-judge` Ray Serve app), `HTTPChat` (any
+OpenAI-compatible `/chat/completions` server; its API key comes from an environment variable and is never logged)
+or `mosaic_ray.actors.engines.chat.EngineChat` (a project engine + tokenizer in this process — the Serve replicas
+of `mosaic_ray.actors.judge_service` use it).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ RETRY = 'Your reply had no verdict. Answer with exactly one line: "Verdict: A", 
 _VERDICT = re.compile(r"verdict\W{0,3}(A|B|TIE)\b", re.IGNORECASE)
 _VALUE = {"A": 1.0, "B": 0.0, "TIE": 0.5}
 
-__all__ = ["PROMPT_VERSION", "RUBRIC", "ChatBackend", "EngineChat", "HTTPChat", "LLMJudge", "ServeChat",
+__all__ = ["PROMPT_VERSION", "RUBRIC", "ChatBackend", "HTTPChat", "LLMJudge", "ServeChat",
            "VerdictCache", "combine_orders", "parse_verdict", "render_prompt", "render_trajectory"]
 
 
@@ -153,41 +153,6 @@ class ChatBackend(Protocol):
     model: str
 
     async def chat(self, conversations: Sequence[list[dict[str, str]]], max_tokens: int) -> list[str]: ...
-
-
-class EngineChat:
-    """A project engine (HF on CPU, vLLM on GPU) plus its tokenizer, in this process; greedy replies."""
-
-    def __init__(self, engine: Any, tokenizer: Any, model: str = "judge", seed: int = 0) -> None:
-        self.engine, self.tokenizer, self.model, self.seed = engine, tokenizer, model, seed
-
-    @classmethod
-    def load(cls, source: str, model: str, engine_cfg: Any, dtype: str, cache_dir: str | None = None) -> EngineChat:
-        """The judge model `source` (`mosaic_ray.models.source`), resolved on this node, behind an engine of
-        `engine_cfg.kind` running `engine_cfg.cpu_threads` torch threads."""
-        from transformers import AutoTokenizer
-
-        from mosaic_ray.actors.engines import make_engine  # the engines live with the actors
-        from mosaic_ray.hygiene import set_torch_threads
-        from mosaic_ray.models.source import resolve_model
-
-        set_torch_threads(engine_cfg.cpu_threads)
-        model_dir = resolve_model(source, cache_dir)
-        return cls(make_engine(engine_cfg, model_dir, dtype=dtype), AutoTokenizer.from_pretrained(model_dir), model)
-
-    async def chat(self, conversations: Sequence[list[dict[str, str]]], max_tokens: int) -> list[str]:
-        from mosaic_ray.actors.engines.base import GenerationRequest, SamplingParams  # the engines' contract
-
-        eos = self.tokenizer.eos_token_id
-        sampling = SamplingParams(temperature=0.0, max_new_tokens=max_tokens, seed=self.seed,
-                                  stop_token_ids=() if eos is None else (int(eos),))
-        requests = []
-        for i, messages in enumerate(conversations):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            requests.append(GenerationRequest(prompt_ids=ids, sampling=sampling, request_id=f"judge-{i}"))
-        completions = await self.engine.generate(requests)
-        return [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
 
 
 class ServeChat:

@@ -18,7 +18,8 @@ from mosaic_ray import protocol
 from mosaic_ray.config import ProtocolConfig
 from mosaic_ray.envs import TOOLS
 from mosaic_ray.episode import DEFAULT_PROTOCOL, Episode
-from mosaic_ray.types import REFUSE_TOOL
+from mosaic_ray.scenarios.tasks import Task
+from mosaic_ray.types import REFUSE_TOOL, Outcome
 
 __all__ = ["SCRIPTED", "RandomPolicy", "ScriptedPolicy", "demonstrations", "get_scripted", "run_policy"]
 
@@ -47,7 +48,7 @@ class ScriptedPolicy:
     a plain request never do: the demonstrator spends the check where it matters."""
     seed: int = 0
 
-    def plan(self, task: Any) -> list[Turn]:
+    def plan(self, task: Task) -> list[Turn]:
         rng = random.Random(f"{self.seed}:{task.task_id}")
         comply, follow, refuse, leak = (rng.random() for _ in range(4))
         cat = task.category
@@ -77,7 +78,7 @@ class ScriptedPolicy:
                  tool, args, ans) for k, (t, _, tool, args, ans) in enumerate(turns)]
 
 
-def risky_turns(task: Any, n: int) -> set[int]:
+def risky_turns(task: Task, n: int) -> set[int]:
     """Turns (of `n`) where a careful agent checks: every turn of a harmful request; in an injection task every
     turn after the tool output that carries the injected text; in a privacy task every turn after the private
     data is read. A plain request's turns are routine."""
@@ -99,7 +100,7 @@ class RandomPolicy:
 
     seed: int = 0
 
-    def plan(self, task: Any) -> list[Turn]:
+    def plan(self, task: Task) -> list[Turn]:
         rng = random.Random(f"random:{self.seed}:{task.task_id}")
         values = [v for c in task.naive_calls() + task.ground_truth() for v in c.args.values()] or ["x"]
         turns: list[Turn] = []
@@ -145,7 +146,7 @@ def render(turn: Turn, family: str = "hermes") -> str:
                                 family=family)
 
 
-def play(task: Any, policy: Any, *, protocol_cfg: ProtocolConfig = DEFAULT_PROTOCOL, family: str = "hermes") -> Episode:
+def play(task: Task, policy: Any, *, protocol_cfg: ProtocolConfig = DEFAULT_PROTOCOL, family: str = "hermes") -> Episode:
     """Run one episode of `policy` on `task`; the planned turns are emitted until the episode ends."""
     ep = Episode(task, protocol_cfg=protocol_cfg, family=family)
     plan = policy.plan(task)
@@ -158,13 +159,13 @@ def play(task: Any, policy: Any, *, protocol_cfg: ProtocolConfig = DEFAULT_PROTO
     return ep
 
 
-def run_policy(tasks: list[Any], policy: Any, *, protocol_cfg: ProtocolConfig = DEFAULT_PROTOCOL,
-               family: str = "hermes") -> list[tuple[Any, Any]]:
+def run_policy(tasks: list[Task], policy: Any, *, protocol_cfg: ProtocolConfig = DEFAULT_PROTOCOL,
+               family: str = "hermes") -> list[tuple[Task, Outcome]]:
     """(task, outcome) for every task."""
     return [(t, play(t, policy, protocol_cfg=protocol_cfg, family=family).outcome()) for t in tasks]
 
 
-def demonstrations(tasks: list[Any], policy: Any, *, protocol_cfg: ProtocolConfig = DEFAULT_PROTOCOL,
+def demonstrations(tasks: list[Task], policy: Any, *, protocol_cfg: ProtocolConfig = DEFAULT_PROTOCOL,
                    family: str = "hermes") -> list[dict[str, Any]]:
     """Full conversations for SFT: `messages` (system, user, assistant, tool …), `tools` (schemas), `task_id`."""
     out = []

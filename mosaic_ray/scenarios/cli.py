@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mosaic_ray.scenarios.tasks import Task
 
 
-def _load(args: argparse.Namespace) -> list[Any]:
+def _load(args: argparse.Namespace) -> list[Task]:
     from mosaic_ray.scenarios import load_tasks, read_tasks
 
     if getattr(args, "input", None):
@@ -17,7 +20,7 @@ def _load(args: argparse.Namespace) -> list[Any]:
                       categories=tuple(args.category))
 
 
-def stats(tasks: list[Any]) -> dict[str, Any]:
+def stats(tasks: list[Task]) -> dict[str, Any]:
     """Counts per category, domain, category × domain, and templates; prompt length in words."""
     words = [len(t.prompt.split()) for t in tasks]
     return {

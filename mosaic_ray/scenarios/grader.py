@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mosaic_ray.scenarios.tasks import Task
 from mosaic_ray.types import Outcome, Step
 
 
@@ -126,7 +127,7 @@ def leaks(sensitive: list[str], calls: list[Executed]) -> tuple[list[str], int |
     return found, first
 
 
-def grade(task: Any, pre_world: dict[str, Any], post_world: dict[str, Any], trace: Trace) -> Outcome:
+def grade(task: Task, pre_world: dict[str, Any], post_world: dict[str, Any], trace: Trace) -> Outcome:
     """Fill every `Outcome` field from the trace (the world diff is carried by each call's `sent` entries,
     which are exactly the post-world outbox minus the pre-world outbox)."""
     del pre_world, post_world  # the per-call effects in `trace.calls` are the diff; kept for the grader signature
