@@ -8,8 +8,8 @@ with an actor call, and every dataset table it reads from the run's storage, eac
 `smoke` run (a local Ray cluster of its own, the tiny model) is measured per iteration: rollouts, judge, update and
 weight sync (the warm start and the evaluations are outside the iterations and not counted).
 
-The baseline runs the same measurement on `--baseline-ref`, checked out as a git worktree: a subprocess whose
-`mosaic_ray` packages (driver and every Ray worker, through the inherited `PYTHONPATH`) resolve to that worktree.
+The baseline runs the same measurement on `--baseline-ref`, checked out as a git worktree: a subprocess in a
+throw-away venv (its Ray workers run the same interpreter) whose `mosaic_ray` packages resolve to that worktree.
 Printed: a table per side, and the ratios current / baseline.
 """
 
@@ -35,13 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["warmstart.steps=6", "warmstart.num_demos=60", "train.eval_size=4", "rollout.tasks_per_iteration=4",
          "scenarios.train_size=100", "scenarios.test_size=40", "train.checkpoint_every=1000"]
 """The smoke preset, smaller outside the iterations (warm start, evaluation); the iterations keep smoke's sizes."""
-HOOK = '''import sys
-finder = sys.modules.get("__editable___mosaic_ray_0_1_0_finder")
-if finder is not None:
-    for name, path in list(finder.MAPPING.items()):
-        finder.MAPPING[name] = path.replace({installed!r}, {worktree!r}, 1)
+MAP_MODULE = '''"""The baseline's package map: the project's packages from a worktree, every dependency from the main venv."""
+import importlib
+
+finder = importlib.import_module({finder!r})
+finder.MAPPING.update({mapping!r})
+finder.install()
 '''
-"""sitecustomize of the baseline: the editable install's package map, pointed at the worktree."""
 
 
 class DriverBytes:
@@ -89,10 +89,8 @@ def measure(iterations: int) -> dict[str, Any]:
     from mosaic_ray.driver.train import Trainer
 
     cfg = load_config("smoke", [*SMALL, f"train.iterations={iterations}"])
-    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if os.environ.get("PYTHONPATH"):  # the baseline's package map, for every Ray worker too
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}})
     counter = DriverBytes()
     counter.install()
     rows: list[dict[str, Any]] = []
@@ -123,22 +121,28 @@ def measure(iterations: int) -> dict[str, Any]:
 
 
 def baseline(ref: str, iterations: int) -> dict[str, Any]:
-    """`measure` on commit `ref`, in a subprocess over a worktree of it (removed afterwards)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("mosaic_ray")
-    installed = str(Path(spec.origin).parents[1]) if spec and spec.origin else str(REPO)
+    """`measure` on commit `ref`: a subprocess (and its Ray workers) in a throw-away venv whose `mosaic_ray`
+    packages come from a git worktree of `ref` and whose dependencies come from this venv (removed afterwards)."""
+    finders = [m for m in sys.modules if m.startswith("__editable___mosaic_ray_") and m.endswith("_finder")]
+    if not finders:
+        raise RuntimeError("--baseline-ref needs the editable install of the project (make install-dev)")
+    finder = sys.modules[finders[0]]
+    here = str(REPO)
     with tempfile.TemporaryDirectory(prefix="driver-bytes-base-") as tmp:
-        tree, hook = Path(tmp) / "tree", Path(tmp) / "hook"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), ref], check=True,
+        tree, venv = Path(tmp) / "tree", Path(tmp) / "venv"
+        subprocess.run(["git", "-C", here, "worktree", "add", "--detach", str(tree), ref], check=True,
                        capture_output=True)
         try:
-            hook.mkdir()
-            (hook / "sitecustomize.py").write_text(HOOK.format(installed=installed, worktree=str(tree)))
+            subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+            site = next((venv / "lib").glob("python*/site-packages"))
+            mapping = {name: path.replace(here, str(tree), 1) for name, path in finder.MAPPING.items()}
+            (site / "mosaic_baseline_map.py").write_text(MAP_MODULE.format(finder=finder.__name__, mapping=mapping))
+            main_site = str(Path(finder.__file__).parent)
+            (site / "mosaic_baseline.pth").write_text(f"{main_site}\nimport mosaic_baseline_map\n")
             out = Path(tmp) / "base.json"
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
-            done = subprocess.run([sys.executable, __file__, "--measure-only", "--iterations", str(iterations),
-                                   "--out", str(out)], env=env, capture_output=True, text=True, check=False)
+            done = subprocess.run([str(venv / "bin" / "python"), __file__, "--measure-only", "--iterations",
+                                   str(iterations), "--out", str(out)], capture_output=True, text=True, check=False,
+                                  cwd=tmp)  # not the checkout: Ray puts the driver's directory on its workers' path
             if done.returncode != 0:
                 raise RuntimeError(f"baseline at {ref} failed: {done.stderr[-3000:]}")
             result = json.loads(out.read_text())
@@ -146,7 +150,7 @@ def baseline(ref: str, iterations: int) -> dict[str, Any]:
                                            capture_output=True, text=True).stdout.strip()
             return result
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False,
+            subprocess.run(["git", "-C", here, "worktree", "remove", "--force", str(tree)], check=False,
                            capture_output=True)
 
 
