@@ -44,6 +44,7 @@ from mosaic_ray.scenarios.tasks import Task
 from mosaic_ray.schema import TrajectoryRecord, to_arrow
 
 from .engines.router import EngineRouter
+from .pair_builder import call_pair_builder
 from .rollout_worker import SINK_ATTEMPTS, RolloutWorker
 from .scaler import Decision, FleetState, Scaler, WorkerLoad
 
@@ -110,16 +111,7 @@ def _describe(exc: BaseException) -> str:
 
 def _send(sink: Any, records: list[TrajectoryRecord]) -> None:
     """`sink.add(records)`, tried again on the restarted pair builder (as `rollout_worker.deliver`)."""
-    from ray.exceptions import RayActorError
-
-    for attempt in range(SINK_ATTEMPTS):
-        try:
-            ray.get(sink.add.remote(records))
-            return
-        except RayActorError:
-            if attempt + 1 == SINK_ATTEMPTS:
-                raise
-            time.sleep(1.0 + attempt)
+    call_pair_builder(sink, "add", records, attempts=SINK_ATTEMPTS)
 
 
 class RolloutFleet:

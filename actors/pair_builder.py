@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -280,3 +280,44 @@ def remote_pair_builder(storage_uri: str, group_size: int, judge_cfg: JudgeConfi
     if runtime_env:
         options["runtime_env"] = dict(runtime_env)
     return cls.options(**options).remote(storage_uri, group_size, judge_cfg, **kwargs)
+
+
+def retry_delay_s(attempt: int) -> float:
+    """Seconds before a call lost to the pair builder's crash is sent again (its restart takes about a second)."""
+    return 1.0 + attempt
+
+
+def call_pair_builder(handle: Any, method: str, *args: Any, attempts: int,
+                      on_lost: Callable[[int, BaseException], None] | None = None) -> Any:
+    """`handle.method(*args)`, sent again to the restarted actor when its process dies during the call
+    (`RayActorError`; `max_task_retries` is 0, see `remote_pair_builder`), at most `attempts` times in all.
+    `on_lost(attempt, exc)` hears of each lost call; the last one's error is raised."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    for attempt in range(attempts):
+        try:
+            return ray.get(getattr(handle, method).remote(*args))
+        except RayActorError as exc:
+            if on_lost is not None:
+                on_lost(attempt, exc)
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(retry_delay_s(attempt))
+    raise ValueError(f"call_pair_builder: attempts must be >= 1, got {attempts}")
+
+
+async def acall_pair_builder(handle: Any, method: str, *args: Any, attempts: int) -> Any:
+    """`call_pair_builder` for an actor's event loop: awaited, and the wait between attempts yields."""
+    import asyncio
+
+    from ray.exceptions import RayActorError
+
+    for attempt in range(attempts):
+        try:
+            return await getattr(handle, method).remote(*args)
+        except RayActorError:
+            if attempt + 1 == attempts:
+                raise
+            await asyncio.sleep(retry_delay_s(attempt))
+    raise ValueError(f"acall_pair_builder: attempts must be >= 1, got {attempts}")

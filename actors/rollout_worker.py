@@ -38,6 +38,7 @@ from mosaic_ray.schema import TrajectoryRecord
 
 from .engines.base import Completion, GenerationRequest, SamplingParams
 from .engines.router import EngineRouter
+from .pair_builder import acall_pair_builder
 
 __all__ = ["LATENCY_BOUNDARIES_S", "EnginePolicy", "EpisodeMetrics", "RolloutWorker", "deliver"]
 
@@ -104,16 +105,7 @@ SINK_ATTEMPTS = 3
 async def deliver(sink: Any, records: list[TrajectoryRecord]) -> None:
     """`sink.add(records)`, awaited (the fleet counts an episode only once the pair builder holds it), and tried
     again on the restarted pair builder; what a crash lost from its buffer the driver re-sends."""
-    from ray.exceptions import RayActorError
-
-    for attempt in range(SINK_ATTEMPTS):
-        try:
-            await sink.add.remote(records)
-            return
-        except RayActorError:
-            if attempt + 1 == SINK_ATTEMPTS:
-                raise
-            await asyncio.sleep(1.0 + attempt)
+    await acall_pair_builder(sink, "add", records, attempts=SINK_ATTEMPTS)
 
 
 @ray.remote(max_restarts=0)

@@ -3,16 +3,22 @@
 Two policies:
 - `scripted` (the `naive` scripted policy; no model): measures the episode machinery itself — rendering,
   tokenizing, parsing, sandbox tools, grading — and the Ray overhead of one remote call per episode.
-- `model` (the tiny model, HF engine, sampling at temperature 1, seeded per turn): in process, the loop awaits an
-  `HFEngine` directly; through Ray, the workers call one `EngineActor` via an `EngineRouter`. Per-turn seeds
-  derive from the trajectory id, so both sides generate the same tokens and do the same work.
+- `model` (the tiny model, HF engine, sampling at temperature 1, seeded per turn, up to 3 turns per episode): in
+  process, the loop awaits an `HFEngine` directly, once without and once with prefix reuse across turns
+  (`engine.prefix_cache_mb`); through Ray, the workers call one `EngineActor` (prefix reuse on, the default) via
+  an `EngineRouter`. Per-turn seeds derive from the trajectory id, so every side generates the same tokens and
+  does the same work.
 
-Every configuration runs the same episodes (tasks × G). Workers are started and warmed before the clock
-starts (`wait_for_workers`), so the numbers are steady-state throughput, not actor start-up. Reports
-episodes/s, generated tokens/s, and two ratios measured in the same run: `fleet_vs_inprocess` (1 worker vs
-the plain loop: < 1 is Ray's overhead) and `scaling_2v1` (2 workers vs 1). Prints a table and one JSON line.
+Every configuration runs the same tasks (tasks × G), `--repeats` times, the configurations taking turns; each
+repeat has new episode ids and, for the model, new engines, so no run reuses another's cached K/V. The table
+shows each configuration's fastest repeat. Workers are started and warmed before the clock starts
+(`wait_for_workers`), so the numbers are steady-state throughput, not actor start-up. Reports
+episodes/s, generated tokens/s, prompt tokens the engine prefilled per generated token (from the engine's own
+counters), and ratios measured in the same run: `fleet1w_vs_inprocess` (1 worker vs the plain loop with the same
+engine settings: < 1 is Ray's overhead), `scaling_2w_vs_1w` (2 workers vs 1) and, for the model,
+`prefix_reuse_speedup` (the in-process loop with prefix reuse vs without). Prints a table and one JSON line.
 
-    python -m mosaic_ray.benchmarks.rollout_throughput [--tasks 100] [--model-tasks 12] [--json out.json]
+    python -m mosaic_ray.benchmarks.rollout_throughput [--tasks 100] [--model-tasks 24] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,23 +33,48 @@ import time
 from typing import Any
 
 
-def _summ(name: str, records: list, seconds: float) -> dict[str, Any]:
+def _summ(name: str, records: list, seconds: float, engine: dict | None = None) -> dict[str, Any]:
+    """One row; `engine`: the engine's counters over the run (prefill tokens per generated token)."""
     generated = sum(sum(r.loss_mask) for r in records)
-    return {"config": name, "episodes": len(records), "seconds": seconds, "episodes_per_s": len(records) / seconds,
-            "gen_tokens_per_s": generated / seconds, "errors": sum(r.error is not None for r in records),
-            "episode_cpu_ms": 1e3 * sum(r.timings.total_s - r.timings.generate_s for r in records) / len(records)}
+    row = {"config": name, "episodes": len(records), "seconds": seconds, "episodes_per_s": len(records) / seconds,
+           "gen_tokens_per_s": generated / seconds, "errors": sum(r.error is not None for r in records),
+           "episode_cpu_ms": 1e3 * sum(r.timings.total_s - r.timings.generate_s for r in records) / len(records)}
+    if engine:
+        row["prefill_per_generated"] = engine["prefill_tokens"] / max(1, engine["generated_tokens"])
+        row["reused_share"] = engine["reused_tokens"] / max(1, engine["prompt_tokens"])
+        row["decode_steps"] = engine["decode_steps"]
+        row["rows_per_step"] = engine["decode_rows"] / max(1, engine["decode_steps"])
+    return row
 
 
-def _fleet_run(cfg, model_dir: str, tasks, group_size: int, workers: int, **source) -> tuple[list, float]:
+COUNTERS = ("prompt_tokens", "prefill_tokens", "reused_tokens", "generated_tokens", "batches", "decode_steps", "decode_rows")
+
+
+def _delta(before: dict, after: dict) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in COUNTERS}
+
+
+def _best(name: str, runs: list[tuple]) -> dict[str, Any]:
+    """The fastest of a configuration's repeats (the least disturbed by the rest of the machine), with every
+    repeat's seconds beside it."""
+    row = _summ(name, *min(runs, key=lambda run: run[1]))
+    row["repeat_seconds"] = [run[1] for run in runs]
+    return row
+
+
+def _fleet_run(cfg, model_dir: str, tasks, group_size: int, workers: int, iteration: int,
+               **source) -> tuple[list, float]:
+    """Time one fleet pass over `iteration`'s episodes (new episode ids, so new prefix-cache session keys)."""
     from mosaic_ray.actors.fleet import RolloutFleet
 
     from mosaic_ray.schema import from_arrow
 
     with RolloutFleet(cfg, model_dir=model_dir, run_id="bench", num_workers=workers, **source) as fleet:
         fleet.wait_for_workers(workers)
-        list(fleet.stream(tasks[:2], group_size=1, iteration=-1))  # warm the workers' code paths
+        list(fleet.stream(tasks[:2], group_size=1, iteration=-1 - iteration))  # warm the workers' code paths
         start = time.perf_counter()
-        records = [r for b in fleet.stream(tasks, group_size=group_size, iteration=0) for r in from_arrow(b)]
+        records = [r for b in fleet.stream(tasks, group_size=group_size, iteration=iteration)
+                   for r in from_arrow(b)]
         return records, time.perf_counter() - start
 
 
@@ -56,62 +87,79 @@ def _inprocess_run(specs, policy_for, tok, cfg) -> tuple[list, float]:
     return records, time.perf_counter() - start
 
 
-def bench_scripted(cfg, model_dir: str, tasks, group_size: int) -> list[dict]:
+def bench_scripted(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> list[dict]:
     from mosaic_ray.rollout import episode_specs, load_tokenizer, scripted_factory
 
     tok = load_tokenizer(model_dir)
-    specs = episode_specs(tasks, group_size=group_size, run_id="bench", iteration=0)
-    rows = [_summ("scripted in-process", *_inprocess_run(specs, scripted_factory("naive", tok), tok, cfg))]
-    for n in (1, 2):
-        rows.append(_summ(f"scripted fleet {n}w", *_fleet_run(cfg, model_dir, tasks, group_size, n, scripted="naive")))
-    return rows
+    policy_for = scripted_factory("naive", tok)
+    runs: dict[str, list] = {"scripted in-process": [], "scripted fleet 1w": [], "scripted fleet 2w": []}
+    for k in range(repeats):  # the configurations take turns, so a slow spell of the machine hits them alike
+        specs = episode_specs(tasks, group_size=group_size, run_id="bench", iteration=k)
+        runs["scripted in-process"].append(_inprocess_run(specs, policy_for, tok, cfg))
+        for n in (1, 2):
+            runs[f"scripted fleet {n}w"].append(_fleet_run(cfg, model_dir, tasks, group_size, n, k,
+                                                           scripted="naive"))
+    return [_best(name, r) for name, r in runs.items()]
 
 
-def bench_model(cfg, model_dir: str, tasks, group_size: int) -> list[dict]:
+def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> list[dict]:
+    """Every repeat gets fresh engines (an empty prefix cache) and new episode ids."""
+    import ray
     from mosaic_ray.actors.engines import EngineRouter
     from mosaic_ray.actors.engines.actor import start_engine_actors
     from mosaic_ray.actors.engines.hf import HFEngine
     from mosaic_ray.actors.rollout_worker import EnginePolicy
 
-    from mosaic_ray.rollout import episode_specs, load_tokenizer
+    from mosaic_ray.rollout import episode_specs, load_tokenizer, run_episodes
 
     tok = load_tokenizer(model_dir)
-    specs = episode_specs(tasks, group_size=group_size, run_id="bench", iteration=0)
     e = cfg.engine
 
-    async def inprocess() -> tuple[list, float]:
-        from mosaic_ray.rollout import run_episodes
-
-        engine = HFEngine(model_dir, max_batch_size=e.max_batch_size, max_wait_ms=e.max_wait_ms, device="cpu")
+    async def inprocess(prefix_cache_mb: float, iteration: int) -> tuple[list, float, dict]:
+        specs = episode_specs(tasks, group_size=group_size, run_id="bench", iteration=iteration)
+        engine = HFEngine(model_dir, max_batch_size=e.max_batch_size, max_wait_ms=e.max_wait_ms, device="cpu",
+                          prefix_cache_mb=prefix_cache_mb)
         policy = EnginePolicy(EngineRouter([engine]), e)
-        await run_episodes(specs[:2], lambda s: policy, tok, protocol_cfg=cfg.protocol)  # warm up
+        warm = episode_specs(tasks[:2], group_size=1, run_id="bench", iteration=-1 - iteration)
+        await run_episodes(warm, lambda s: policy, tok, protocol_cfg=cfg.protocol)
+        before = engine.health()
         start = time.perf_counter()
         records = await run_episodes(specs, lambda s: policy, tok, concurrency=cfg.rollout.episodes_per_worker,
                                      protocol_cfg=cfg.protocol, family=cfg.model.family)
         elapsed = time.perf_counter() - start
+        counters = _delta(before, engine.health())
         await engine.close()
-        return records, elapsed
+        return records, elapsed, counters
 
-    rows = [_summ("model in-process", *asyncio.run(inprocess()))]
-    engines = start_engine_actors(e, model_dir, num_engines=1)
-    try:
+    def fleet(workers: int, iteration: int) -> tuple[list, float, dict]:
+        engines = start_engine_actors(e, model_dir, num_engines=1)
+        try:
+            before = ray.get(engines[0].health.remote())  # the counters also hold the two warm-up episodes
+            records, elapsed = _fleet_run(cfg, model_dir, tasks, group_size, workers, iteration,
+                                          engine_handles=engines)
+            return records, elapsed, _delta(before, ray.get(engines[0].health.remote()))
+        finally:
+            for h in engines:
+                ray.kill(h)
+
+    runs: dict[str, list] = {"model in-process, no prefix reuse": [], "model in-process": [],
+                             "model fleet 1w": [], "model fleet 2w": []}
+    for k in range(repeats):
+        runs["model in-process, no prefix reuse"].append(asyncio.run(inprocess(0, k)))
+        runs["model in-process"].append(asyncio.run(inprocess(e.prefix_cache_mb, k)))
         for n in (1, 2):
-            rows.append(_summ(f"model fleet {n}w", *_fleet_run(cfg, model_dir, tasks, group_size, n,
-                                                               engine_handles=engines)))
-    finally:
-        import ray
-
-        for h in engines:
-            ray.kill(h)
-    return rows
+            runs[f"model fleet {n}w"].append(fleet(n, k))
+    return [_best(name, r) for name, r in runs.items()]
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description="rollout fleet vs in-process episode loop")
     ap.add_argument("--model", default=None, help="HF model dir (default: the cached tiny model)")
     ap.add_argument("--tasks", type=int, default=100, help="tasks for the scripted runs (× group size)")
-    ap.add_argument("--model-tasks", type=int, default=12, help="tasks for the model runs (× group size)")
+    ap.add_argument("--model-tasks", type=int, default=24, help="tasks for the model runs (× group size)")
     ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="runs per configuration, taken in turns; the table shows the fastest of each")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
@@ -142,9 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
         ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                                            "TOKENIZERS_PARALLELISM": "false"}})
-        rows += bench_scripted(cfg, model_dir, tasks[:args.tasks], args.group_size)
+        rows += bench_scripted(cfg, model_dir, tasks[:args.tasks], args.group_size, args.repeats)
         if not args.skip_model:
-            rows += bench_model(cfg, model_dir, tasks[:args.model_tasks], args.group_size)
+            rows += bench_model(cfg, model_dir, tasks[:args.model_tasks], args.group_size, args.repeats)
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
@@ -157,13 +205,20 @@ def main(argv: list[str] | None = None) -> dict:
             ratios[f"{kind}_fleet1w_vs_inprocess"] = one["episodes_per_s"] / base["episodes_per_s"]
             ratios[f"{kind}_fleet2w_vs_inprocess"] = two["episodes_per_s"] / base["episodes_per_s"]
             ratios[f"{kind}_scaling_2w_vs_1w"] = two["episodes_per_s"] / one["episodes_per_s"]
+    if "model in-process, no prefix reuse" in by:
+        off, on = by["model in-process, no prefix reuse"], by["model in-process"]
+        ratios["model_prefix_reuse_speedup"] = on["episodes_per_s"] / off["episodes_per_s"]
+        ratios["model_prefill_per_generated_off"] = off["prefill_per_generated"]
+        ratios["model_prefill_per_generated_on"] = on["prefill_per_generated"]
     load = os.getloadavg()[0]
     print(f"model {model_dir} | G={args.group_size} | cores {os.cpu_count()} | load average {load:.1f}")
-    print(f"{'config':<22} {'episodes':>9} {'seconds':>8} {'episodes/s':>11} {'gen tok/s':>10} {'errors':>7} "
-          f"{'ms/episode outside generate':>28}")
+    print(f"{'config':<34} {'episodes':>9} {'seconds':>8} {'episodes/s':>11} {'gen tok/s':>10} {'errors':>7} "
+          f"{'ms/episode outside generate':>28} {'prefill/gen':>12} {'reused':>7} {'decode steps':>13} {'rows/step':>10}")
     for r in rows:
-        print(f"{r['config']:<22} {r['episodes']:>9} {r['seconds']:>8.2f} {r['episodes_per_s']:>11.1f} "
-              f"{r['gen_tokens_per_s']:>10.0f} {r['errors']:>7} {r['episode_cpu_ms']:>28.1f}")
+        reuse = (f"{r['prefill_per_generated']:>12.1f} {100 * r['reused_share']:>6.0f}% {r['decode_steps']:>13} "
+                 f"{r['rows_per_step']:>10.1f}" if "prefill_per_generated" in r else "")
+        print(f"{r['config']:<34} {r['episodes']:>9} {r['seconds']:>8.2f} {r['episodes_per_s']:>11.1f} "
+              f"{r['gen_tokens_per_s']:>10.0f} {r['errors']:>7} {r['episode_cpu_ms']:>28.1f} {reuse}")
     for k, v in ratios.items():
         print(f"{k:<34} {v:6.2f}x")
     result = {"rows": rows, "ratios": ratios, "load_average": load, "cores": os.cpu_count(),

@@ -129,6 +129,9 @@ class EngineConfig:
     top_p: float = 1.0
     gpu_memory_utilization: float = 0.85
     max_model_len: int = 4096
+    prefix_cache_mb: float = 512.0
+    """Reuse an episode's K/V between its turns (0 = off). HF engine: the bytes of per-session K/V it keeps (an LRU;
+    dropped on every weight update). vLLM: > 0 turns on its automatic prefix caching (its own KV pool)."""
     base_url: str | None = None
     """OpenAI-compatible endpoint for `kind: openai` (evaluation only)."""
     api_model: str | None = None
@@ -530,6 +533,7 @@ def _validate(obj: Any, prefix: str) -> None:
         need(0 < obj.top_p <= 1, "top_p", "must be in (0, 1]")
         need(obj.request_deadline_s >= 0, "request_deadline_s", "must be >= 0 (0 = no deadline)")
         need(obj.max_restarts >= 0, "max_restarts", "must be >= 0")
+        need(obj.prefix_cache_mb >= 0, "prefix_cache_mb", "must be >= 0 (0 = no prefix reuse)")
         need(not 0 < obj.num_gpus < obj.tensor_parallel_size, "num_gpus",
              f"one engine actor holds every GPU of its tensor-parallel group: set it to "
              f"engine.tensor_parallel_size={obj.tensor_parallel_size}")

@@ -268,3 +268,107 @@ def test_make_engine_kinds(tiny_model_dir):
     except ImportError:
         with pytest.raises(ImportError, match=r"pip install 'mosaic-ray\[vllm\]'"):
             make_engine(EngineConfig(kind="vllm"), tiny_model_dir)
+
+
+def _next_prompts(engine: HFEngine, prompts: list[list[int]], results: list, tool_text: str) -> list[list[int]]:
+    """Each session's next prompt: its last prompt + the model's output + a tool result."""
+    tool = engine.tokenizer.encode(tool_text)
+    return [p + out.token_ids + tool for p, out in zip(prompts, results)]
+
+
+def test_prefix_reuse_across_turns_keeps_logprobs_of_a_full_recompute(tiny_model_dir, prompts):
+    reusing = HFEngine(tiny_model_dir, max_batch_size=16, max_wait_ms=20)
+    full = HFEngine(tiny_model_dir, max_batch_size=16, max_wait_ms=20, prefix_cache_mb=0)
+    assert reusing.prefixes is not None and full.prefixes is None
+    sessions = [f"ep-{i}" for i in range(len(prompts))]
+    current = list(prompts)
+    for turn in range(3):
+        # sessions 0-3 go on; from the second turn on a fresh session (no cache) shares each batch with them
+        active = list(range(4)) + ([4] if turn else [])
+        reqs = [GenerationRequest(current[i], SamplingParams(max_new_tokens=12, seed=10 * turn + i),
+                                  request_id=str(i), session_id=sessions[i] if i < 4 else f"new-{turn}")
+                for i in active]
+        if turn:
+            reqs[-1] = GenerationRequest(prompts[5], reqs[-1].sampling, request_id="5", session_id=f"new-{turn}")
+        hits_before = reusing.health()["prefix_hits"]
+        got, ref = run(reusing.generate(reqs)), run(full.generate(reqs))
+        for r, a, b in zip(reqs, got, ref):
+            assert a.token_ids == b.token_ids, (turn, r.request_id)
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0), \
+                (turn, r.request_id, a.logprobs, b.logprobs)
+            tf = teacher_forced(reusing.model, r.prompt_ids, a.token_ids)
+            assert torch.allclose(torch.tensor(a.logprobs), tf, atol=1e-5, rtol=0), (turn, r.request_id)
+        if turn:  # every continuing session reused its previous turn; the fresh one could not
+            assert reusing.health()["prefix_hits"] - hits_before == 4
+        current[:4] = _next_prompts(reusing, current[:4], got[:4], f" tool: ok, {turn + 41} rows.")
+    h, f = reusing.health(), full.health()
+    assert h["prompt_tokens"] == f["prompt_tokens"] and f["reused_tokens"] == 0
+    assert h["reused_tokens"] > 0 and h["prefill_tokens"] == h["prompt_tokens"] - h["reused_tokens"]
+    assert h["prefill_tokens"] < f["prefill_tokens"]
+    run(reusing.close())
+    run(full.close())
+
+
+def test_a_weight_update_drops_every_cached_prefix(tiny_model_dir, prompts):
+    engine = HFEngine(tiny_model_dir, max_batch_size=4, max_wait_ms=5)
+    req = GenerationRequest(prompts[4], SamplingParams(max_new_tokens=8, seed=1), session_id="ep")
+    first = run(engine.generate([req]))[0]
+    assert engine.health()["prefix_cache_sessions"] == 1
+    norm = engine.model.model.norm.weight.detach().clone()
+    engine.update_weights({"model.norm.weight": norm * 2}, 1)
+    assert engine.health()["prefix_cache_sessions"] == 0
+    nxt = GenerationRequest(prompts[4] + first.token_ids + [7, 8], SamplingParams(max_new_tokens=8, seed=2),
+                            session_id="ep")
+    out = run(engine.generate([nxt]))[0]
+    assert engine.health()["prefix_hits"] == 0 and out.policy_version == 1
+    assert torch.allclose(torch.tensor(out.logprobs), teacher_forced(engine.model, nxt.prompt_ids, out.token_ids),
+                          atol=1e-5, rtol=0)
+    run(engine.close())
+
+
+def test_prefix_cache_finds_the_longest_common_prefix_across_sessions_within_its_byte_budget():
+    from mosaic_ray.actors.engines.hf import PrefixCache, _Prefix
+
+    def entry(tokens, version=0):
+        kv = [torch.zeros(2, len(tokens), 4)]  # 2 heads × len × 4 floats, keys and values: 64 bytes per token
+        return _Prefix(list(tokens), kv, [t.clone() for t in kv], version)
+
+    system = list(range(100, 140))  # a 40-token "system prompt": two whole index blocks and a bit
+    cache = PrefixCache(budget_bytes=64 * 100)
+    cache.put("session:a", entry(system + [1, 2, 3]))
+    got, n = cache.lookup("session:a", system + [1, 2, 9, 9], version=0)
+    assert n == 42 and got.tokens[:3] == system[:3]
+    assert cache.lookup("session:a", system + [1, 2, 3], version=0)[1] == 42  # the last prompt token is fed
+    # another session, same system prompt: found through the block index
+    assert cache.lookup("session:b", system + [7], version=0)[1] == 40
+    assert cache.lookup("session:b", [5] + system, version=0) == (None, 0)
+    # stale weights: never reused, and dropped
+    assert cache.lookup("session:a", system + [1], version=1) == (None, 0) and len(cache) == 0
+    cache.put("session:a", entry(system))
+    cache.put("session:b", entry(list(range(40))))
+    cache.put("session:c", entry(list(range(200, 240))))  # over budget (120 tokens > 100): the oldest goes
+    assert len(cache) == 2 and cache.nbytes == 64 * 80 and cache.lookup("session:x", system + [1], 0) == (None, 0)
+    cache.put("session:big", entry(range(101)))  # larger than the budget: not kept, nothing evicted for it
+    assert len(cache) == 2
+    cache.put("session:b", entry(list(range(10))))  # a session's new turn replaces its old entry
+    assert len(cache) == 2 and cache.lookup("session:y", list(range(40)), 0)[1] == 0
+
+
+def test_a_burst_sharing_its_prompt_start_prefills_it_once_with_full_recompute_logprobs(tiny_model_dir, prompts):
+    sharing = HFEngine(tiny_model_dir, max_batch_size=16, max_wait_ms=20)
+    full = HFEngine(tiny_model_dir, max_batch_size=16, max_wait_ms=20, prefix_cache_mb=0)
+    system = prompts[4] * 3  # a long common start, as a system prompt is
+    starts = [system + p for p in prompts[:3]] * 2 + [prompts[5]]  # a task's samples, other tasks, a stranger
+    reqs = [GenerationRequest(p, SamplingParams(max_new_tokens=10, seed=i), request_id=str(i), session_id=f"s{i}")
+            for i, p in enumerate(starts)]
+    got, ref = run(sharing.generate(reqs)), run(full.generate(reqs))
+    for r, a, b in zip(reqs, got, ref):
+        assert a.token_ids == b.token_ids
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+        assert torch.allclose(torch.tensor(a.logprobs), teacher_forced(sharing.model, r.prompt_ids, a.token_ids),
+                              atol=1e-5, rtol=0)
+    h = sharing.health()
+    assert h["prefix_hits"] == 6 and h["reused_tokens"] >= 6 * len(system)  # all but the stranger
+    assert h["prefill_tokens"] < full.health()["prefill_tokens"]
+    run(sharing.close())
+    run(full.close())

@@ -35,13 +35,13 @@ def make_engine(cfg: EngineConfig, model_path: str | None, *, dtype: str = "floa
 
         return HFEngine(_need_path(model_path, cfg), max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                         dtype=dtype, device=cfg.device, max_model_len=cfg.max_model_len, seed=cfg.seed,
-                        cpu_threads=cfg.cpu_threads)
+                        cpu_threads=cfg.cpu_threads, prefix_cache_mb=cfg.prefix_cache_mb)
     if cfg.kind == "vllm":
         from .vllm import VLLMEngine
 
         return VLLMEngine(_need_path(model_path, cfg), tensor_parallel_size=cfg.tensor_parallel_size, dtype=dtype,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
-                          seed=cfg.seed, enforce_eager=cfg.enforce_eager,
+                          seed=cfg.seed, enforce_eager=cfg.enforce_eager, prefix_caching=cfg.prefix_cache_mb > 0,
                           weight_transfer_backend=None if cfg.weight_transfer_backend == "none"
                           else cfg.weight_transfer_backend)
     if cfg.kind == "openai":

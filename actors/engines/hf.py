@@ -30,9 +30,23 @@ per bucket, in place → `finish_weight_update`) holds admission from begin to f
 half-loaded model and the only extra memory is the bucket in hand. `pause(WAIT)` drains the same way;
 `pause(ABORT)` cuts the running rows at their next token.
 
+Prefix reuse: an episode's turn k+1 prompt is its turn-k prompt, the model's own output and a tool result, and
+every episode of a domain starts with the same system prompt. When a row finishes, the engine keeps its K/V
+(prompt plus generated tokens, all but the last sampled one, whose K/V was never computed) under its
+`session_id` in a `PrefixCache`, an LRU bounded by bytes (`prefix_cache_mb`) with a block-hash index over token
+prefixes. A new request reuses the longest common token prefix with its session's entry or with whatever entry
+the index finds for its leading blocks (another episode's system prompt, a retried episode's turns). Within a
+burst of newcomers, prompts that start alike (a task's G samples, one domain's system prompt) get their common
+start prefilled once and shared. At least one prompt token is always fed, for the next-token logits. Rows with
+different reused lengths are laid out as [left padding, reused K/V | padding, new tokens]: the padding between a
+row's reused and new tokens is masked like any other, and every real token keeps its own position. K/V computed
+with old weights is never reused: every entry carries the version it was computed under, an entry of another
+version is dropped at lookup, and a weight update clears the cache. Log-probs equal those of a full recompute up
+to float reassociation (tests/test_engines.py checks 1e-5 in fp32).
+
 Merging caches needs plain full-attention `DynamicLayer`s. For models whose cache has sliding-window or
 linear-attention layers the engine admits no one into a running batch: newcomers wait for it to end (plain
-dynamic batching).
+dynamic batching), and prefixes are not kept.
 
 Sampling per row: temperature (0 = argmax), then top-p, then inverse-CDF sampling with one uniform drawn from
 the row's own `torch.Generator` (seeded from `SamplingParams.seed`, else from the engine's generator). The
@@ -44,7 +58,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,7 +77,7 @@ from .base import (
     validate_request,
 )
 
-__all__ = ["BURST_WINDOW_FACTOR", "HFEngine", "resolve_device", "torch_dtype"]
+__all__ = ["BURST_WINDOW_FACTOR", "HFEngine", "PrefixCache", "resolve_device", "torch_dtype"]
 
 BURST_WINDOW_FACTOR = 10
 """An idle engine collects a burst for at most this many times `max_wait_ms` (see the module docstring)."""
@@ -87,6 +101,122 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but torch sees no CUDA device (torch {torch.__version__})")
     return device
+
+
+@dataclass
+class _Prefix:
+    """K/V of `tokens`: `keys[l]`, `values[l]` are (heads, len(tokens), head_dim) for layer l."""
+
+    tokens: list[int]
+    keys: list[Any]
+    values: list[Any]
+    version: int
+    blocks: list[int] = field(default_factory=list)
+    """Chained hashes of its whole `PREFIX_BLOCK`-token blocks (the cache's index)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+PREFIX_BLOCK = 16
+"""Tokens per block of the prefix index: a prompt finds the entries that share its leading whole blocks."""
+
+MIN_SHARED = 2 * PREFIX_BLOCK
+"""Prompts of one burst are prefilled through a shared prefix when they start with at least this many equal tokens."""
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def block_hashes(tokens: Sequence[int]) -> list[int]:
+    """h_k = hash(h_{k-1}, block k): equal hashes mean (up to collisions, which an exact comparison catches)
+    equal tokens up to the end of block k."""
+    out, h = [], 0
+    for k in range(len(tokens) // PREFIX_BLOCK):
+        h = hash((h, tuple(tokens[k * PREFIX_BLOCK:(k + 1) * PREFIX_BLOCK])))
+        out.append(h)
+    return out
+
+
+class PrefixCache:
+    """K/V of earlier prompts, found by token prefix, least recently used first out, at most `budget_bytes` in
+    all. Thread-safe.
+
+    Entries are keyed: a session's entry (its last turn) is replaced by its next one; a shared prefix (the
+    common start of a burst's prompts, e.g. the system prompt) is keyed by its tokens. A lookup takes the
+    longest common prefix among the session's own entry and the entry the block index finds for the prompt's
+    leading blocks, so another episode's system prompt or a retried episode's turns are reused too. Entries
+    are never modified (a lookup slices them), so one entry may serve many rows at once."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, _Prefix] = OrderedDict()
+        self._index: dict[int, str] = {}  # block hash → key of the newest entry holding that block
+        self._lock = threading.Lock()
+        self.nbytes = 0
+
+    def lookup(self, key: str | None, prompt: Sequence[int], version: int) -> tuple[_Prefix | None, int]:
+        """The entry covering the most leading tokens of `prompt`, and how many (0: none). At least the prompt's
+        last token is left to feed. Entries of another weights version are dropped, never used."""
+        cap = len(prompt) - 1
+        with self._lock:
+            deepest = None  # the entry holding the most of the prompt's leading whole blocks
+            for h in block_hashes(prompt[:cap]):
+                if (holder := self._index.get(h)) is None:
+                    break
+                deepest = holder
+            candidates = [k for k in dict.fromkeys((key, deepest)) if k is not None]
+            best, n, best_key = None, 0, None
+            for k in candidates:
+                entry = self._entries.get(k)
+                if entry is None:
+                    continue
+                if entry.version != version:
+                    self._remove(k)
+                    continue
+                c = min(common_prefix(entry.tokens, prompt), cap)
+                if c > n:
+                    best, n, best_key = entry, c, k
+            if best is not None:
+                self._entries.move_to_end(best_key)
+        return best, n
+
+    def put(self, key: str, entry: _Prefix) -> None:
+        entry.blocks = block_hashes(entry.tokens)
+        with self._lock:
+            self._remove(key)
+            if entry.nbytes > self.budget_bytes:
+                return
+            self._entries[key] = entry
+            self.nbytes += entry.nbytes
+            for h in entry.blocks:
+                self._index[h] = key
+            while self.nbytes > self.budget_bytes:
+                self._remove(next(iter(self._entries)))
+
+    def _remove(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        self.nbytes -= entry.nbytes
+        for h in entry.blocks:
+            if self._index.get(h) == key:
+                del self._index[h]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._index.clear()
+            self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 @dataclass
@@ -164,6 +294,10 @@ class _Batch:
                                            (self.temps, other.temps), (self.top_ps, other.top_ps))))
 
 
+def _session_key(request: GenerationRequest) -> str | None:
+    return f"session:{request.session_id}" if request.session_id else None
+
+
 def _left_pad(x, width: int, dim: int):
     """Zeros prepended along `dim` up to `width` (the matching attention-mask slots are 0)."""
     import torch
@@ -181,7 +315,7 @@ class HFEngine(Engine):
 
     def __init__(self, model_path: str, *, max_batch_size: int = 64, max_wait_ms: float = 5.0,
                  dtype: str = "float32", device: str = "auto", max_model_len: int | None = None, seed: int = 0,
-                 cpu_threads: int = 1):
+                 cpu_threads: int = 1, prefix_cache_mb: float = 512.0):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
         from transformers.cache_utils import DynamicLayer
@@ -209,6 +343,10 @@ class HFEngine(Engine):
         self.max_wait_s = max_wait_ms / 1000.0
         # Whether requests may join a running batch (module docstring). No layers = DynamicLayers made lazily.
         self.continuous = all(type(layer) is DynamicLayer for layer in DynamicCache(config=self.model.config).layers)
+        if prefix_cache_mb < 0:
+            raise ValueError(f"HFEngine: prefix_cache_mb must be >= 0, got {prefix_cache_mb}")
+        self.prefixes = (PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 and self.continuous
+                         else None)
         self._rng = torch.Generator().manual_seed(seed)  # rows without a seed draw from here
         self._version = 0
         self._model_lock = threading.Lock()  # held by the worker for a whole run, or by a weight update
@@ -223,7 +361,8 @@ class HFEngine(Engine):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
         self._running_rows = 0
         self._stats = {"batches": 0, "requests": 0, "generated_tokens": 0, "max_batch_rows": 0,
-                       "joined_running": 0}
+                       "joined_running": 0, "prompt_tokens": 0, "prefill_tokens": 0, "reused_tokens": 0,
+                       "prefix_hits": 0, "decode_steps": 0, "decode_rows": 0}
 
     # ------------------------------------------------------------------------------------ data plane
 
@@ -313,39 +452,123 @@ class HFEngine(Engine):
             return fresh
 
     def _prefill(self, fresh: list[_Pending]) -> _Batch:
-        """Forward the newcomers' left-padded prompts into a new cache; their first logits are pending."""
+        """Forward the newcomers' prompts into a new cache; their first logits are pending.
+
+        Row i reuses `c_i` tokens of its session's cached K/V and feeds its `s_i` other tokens. The cache holds
+        max(c) slots (each row's reused K/V right-aligned, left-padded), the input max(s) (left-padded)."""
         import torch
         from transformers import DynamicCache
 
         dev = self.device
         reqs = [p.request for p in fresh]
-        n, width = len(reqs), max(len(r.prompt_ids) for r in reqs)
+        reuse: list[tuple[_Prefix | None, int]] = [(None, 0)] * len(reqs)
+        if self.prefixes is not None:
+            reuse = [self.prefixes.lookup(_session_key(r), r.prompt_ids, self._version) for r in reqs]
+            if len(reqs) > 1:
+                reuse = self._share_within_burst(reqs, reuse)
+        n = len(reqs)
+        past = max(c for _, c in reuse)
+        width = max(len(r.prompt_ids) - c for r, (_, c) in zip(reqs, reuse))
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            attn[i, width - len(r.prompt_ids):] = 1
+        attn = torch.zeros((n, past + width), dtype=torch.long)
+        for i, (r, (_, c)) in enumerate(zip(reqs, reuse)):
+            new = r.prompt_ids[c:]
+            input_ids[i, width - len(new):] = torch.tensor(new, dtype=torch.long)
+            attn[i, past - c:past] = 1
+            attn[i, past + width - len(new):] = 1
         input_ids, attn = input_ids.to(dev), attn.to(dev)
         # Real tokens get positions 0..len-1 whatever the padding; pad slots get 1 (masked out anyway).
-        positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)
+        positions = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 1)[:, past:]
         cache = DynamicCache(config=self.model.config)
+        if past:
+            ref = next(e for e, c in reuse if c)  # rows that reuse nothing take zero slots of its shape
+            for li, layer in enumerate(cache.layers):
+                layer.update(*(torch.cat([_left_pad(getattr(e if c else ref, kind)[li][None, :, :c], past, -2)
+                                          for e, c in reuse]) for kind in ("keys", "values")))
         out = self.model(input_ids=input_ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         rows = [_Row(p, torch.Generator().manual_seed(r.sampling.seed) if r.sampling.seed is not None else self._rng,
                      frozenset({*r.sampling.stop_token_ids, *(() if r.sampling.ignore_eos else (self.eos_id,))}),
                      min(r.sampling.max_new_tokens, self.max_model_len - len(r.prompt_ids)), self._version)
                 for p, r in zip(fresh, reqs)]
+        reused = sum(c for _, c in reuse)
+        prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
         self._stats["batches"] += 1
         self._stats["requests"] += n
+        self._stats["prompt_tokens"] += prompt_tokens
+        self._stats["prefill_tokens"] += prompt_tokens - reused  # (shared prefixes count when computed)
+        self._stats["reused_tokens"] += reused
+        self._stats["prefix_hits"] += sum(c > 0 for _, c in reuse)
         return _Batch(rows, cache, attn, positions[:, -1], out.logits[:, -1, :].float(),
                       torch.tensor([r.sampling.temperature for r in reqs], dtype=torch.float32, device=dev),
                       torch.tensor([r.sampling.top_p for r in reqs], dtype=torch.float32, device=dev))
+
+    def _share_within_burst(self, reqs: list[GenerationRequest],
+                            reuse: list[tuple[_Prefix | None, int]]) -> list[tuple[_Prefix | None, int]]:
+        """Prompts of one burst that start alike (one system prompt, a task's G samples) get their common start
+        computed once: prompts sorted, neighbours sharing at least `MIN_SHARED` tokens grouped, each group's
+        common prefix prefilled in one batched forward pass and kept as a shared entry, then reused by every
+        row of the group that had less of it cached."""
+        import torch
+        from transformers import DynamicCache
+
+        order = sorted(range(len(reqs)), key=lambda i: reqs[i].prompt_ids)
+        groups: list[tuple[list[int], int]] = []
+        members, common = [order[0]], len(reqs[order[0]].prompt_ids) - 1
+        for i in order[1:]:
+            c = min(common, common_prefix(reqs[members[-1]].prompt_ids, reqs[i].prompt_ids),
+                    len(reqs[i].prompt_ids) - 1)
+            if c >= MIN_SHARED:
+                members, common = [*members, i], c
+                continue
+            groups.append((members, common))
+            members, common = [i], len(reqs[i].prompt_ids) - 1
+        groups.append((members, common))
+        # worth it when the rows save more tokens than the shared pass costs
+        groups = [(g, c) for g, c in groups if len(g) > 1 and sum(max(0, c - reuse[i][1]) for i in g) > c]
+        if not groups:
+            return reuse
+        width = max(c for _, c in groups)
+        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(groups), width), dtype=torch.long)
+        for j, (g, c) in enumerate(groups):
+            ids[j, width - c:] = torch.tensor(reqs[g[0]].prompt_ids[:c], dtype=torch.long)
+            attn[j, width - c:] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).masked_fill(attn == 0, 1),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self._stats["prefill_tokens"] += sum(c for _, c in groups)
+        reuse = list(reuse)
+        for j, (g, c) in enumerate(groups):
+            real = attn[j].bool()
+            tokens = reqs[g[0]].prompt_ids[:c]
+            entry = _Prefix(tokens, [layer.keys[j][:, real] for layer in cache.layers],
+                            [layer.values[j][:, real] for layer in cache.layers], self._version)
+            self.prefixes.put(f"shared:{hash(tuple(tokens))}", entry)
+            for i in g:
+                if reuse[i][1] < c:
+                    reuse[i] = (entry, c)
+        return reuse
+
+    def _keep_prefix(self, batch: _Batch, j: int, row: _Row) -> None:
+        """Store a finished row's K/V (its real slots) under its session for the session's next turn."""
+        request = row.pending.request
+        tokens = [*request.prompt_ids, *row.tokens[:-1]]
+        real = batch.attn[j].bool()
+        if int(real.sum()) != len(tokens):  # never expected: the mask and the tokens disagree, so keep nothing
+            return
+        self.prefixes.put(_session_key(request), _Prefix(
+            tokens, [layer.keys[j][:, real] for layer in batch.cache.layers],
+            [layer.values[j][:, real] for layer in batch.cache.layers], row.version))
 
     def _step(self, batch: _Batch) -> _Batch | None:
         """Sample every row's next token; retire rows that are done; feed the rest one decode step."""
         import torch
 
         self._stats["max_batch_rows"] = max(self._stats["max_batch_rows"], len(batch.rows))
+        self._stats["decode_steps"] += 1
+        self._stats["decode_rows"] += len(batch.rows)
         tok, lp = sample_tokens(batch.logits, batch.temps, batch.top_ps, [r.generator for r in batch.rows])
         abort = self._abort.is_set()
         keep: list[int] = []
@@ -358,6 +581,8 @@ class HFEngine(Engine):
                 keep.append(j)
                 continue
             self._stats["generated_tokens"] += len(row.tokens)
+            if self.prefixes is not None and row.pending.request.session_id and reason in ("stop", "length"):
+                self._keep_prefix(batch, j, row)
             row.pending.settle(Completion(row.pending.request.request_id, row.tokens, row.logprobs, reason,
                                           row.version))
         if not keep:
@@ -390,6 +615,7 @@ class HFEngine(Engine):
                                        f"{self._staged} is in progress")
                 self._copy(items)
                 self._version = version
+                self._drop_prefixes()
         finally:
             with self._cv:
                 self._updates_waiting -= 1
@@ -408,6 +634,12 @@ class HFEngine(Engine):
             self._staged = version
             self._cv.notify_all()
         await asyncio.to_thread(self._drain)
+        self._drop_prefixes()
+
+    def _drop_prefixes(self) -> None:
+        """K/V computed with the old weights is never reused (lookups also check each entry's version)."""
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     def _drain(self) -> None:
         with self._model_lock:   # taken once the running batch has finished on the old weights
@@ -469,7 +701,9 @@ class HFEngine(Engine):
         return {"ok": not self._closed, "kind": "hf", "version": self._version, "loading": self._staged,
                 "device": self.device,
                 "dtype": self.dtype, "continuous": self.continuous, "pending": len(self._queue),
-                "running": self._running_rows, "paused": self._paused, **self._stats}
+                "running": self._running_rows, "paused": self._paused, **self._stats,
+                "prefix_cache_sessions": len(self.prefixes) if self.prefixes is not None else 0,
+                "prefix_cache_bytes": self.prefixes.nbytes if self.prefixes is not None else 0}
 
     async def pause(self, mode: PauseMode = PauseMode.WAIT) -> None:
         """Stop admitting requests; with ABORT also cut the running rows. Returns once nothing runs."""

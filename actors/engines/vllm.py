@@ -8,6 +8,12 @@ only), so each returned value is log p(token) under the model's unprocessed dist
 the HF engine returns and the learner recomputes. `generation_config="vllm"` stops vLLM from silently applying
 the model's own sampling defaults.
 
+Prefix caching: on unless `engine.prefix_cache_mb: 0` (vLLM's automatic prefix caching keeps K/V blocks in its
+own KV pool, so the budget in megabytes is the HF engine's). The router keeps an episode on one engine, so its
+growing prompt hits that engine's cache; `health()` reports prompt tokens, the cached ones (`num_cached_tokens` of
+each finished request) and `prefix_hit_rate`. Weight updates clear the cache (see below), so K/V of old weights is
+never reused.
+
 Weight updates (plain HF names either way; vLLM's `load_weights` maps and shards them for tensor parallelism):
 
 - **simple path** `update_weights(named tensors, version)`: pause generation, ship the tensors to every worker
@@ -104,7 +110,8 @@ class VLLMEngine(Engine):
 
     def __init__(self, model_path: str, *, tensor_parallel_size: int = 1, dtype: str = "bfloat16",
                  gpu_memory_utilization: float = 0.85, max_model_len: int = 4096,
-                 weight_transfer_backend: str | None = "nccl", seed: int = 0, enforce_eager: bool = False):
+                 weight_transfer_backend: str | None = "nccl", seed: int = 0, enforce_eager: bool = False,
+                 prefix_caching: bool = True):
         vllm = import_vllm()
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -116,7 +123,7 @@ class VLLMEngine(Engine):
             extra["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer_backend)
         args = AsyncEngineArgs(model=str(model_path), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                                gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len,
-                               logprobs_mode="raw_logprobs",
+                               logprobs_mode="raw_logprobs", enable_prefix_caching=prefix_caching,
                                generation_config="vllm", seed=seed, enforce_eager=enforce_eager, **extra)
         self._vllm = vllm
         self.llm = AsyncLLM.from_engine_args(args)
@@ -130,6 +137,7 @@ class VLLMEngine(Engine):
         self._version = 0
         self._running = 0
         self._sleeping = False
+        self._tokens = {"prompt_tokens": 0, "cached_prompt_tokens": 0}  # the prefix cache's hit rate
         self._update_lock = asyncio.Lock()
         self._staged: int | None = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
@@ -164,6 +172,8 @@ class VLLMEngine(Engine):
             self._running -= 1
         if final is None or not final.outputs:
             return Completion(req.request_id, [], [], "error", version)
+        self._tokens["prompt_tokens"] += len(req.prompt_ids)
+        self._tokens["cached_prompt_tokens"] += int(getattr(final, "num_cached_tokens", None) or 0)
         seq = final.outputs[0]
         token_ids = list(seq.token_ids)
         # With logprobs=0 each position holds the sampled token's entry (vLLM always includes it).
@@ -269,7 +279,8 @@ class VLLMEngine(Engine):
     def health(self) -> dict:
         return {"ok": not self.llm.errored, "kind": "vllm", "version": self._version, "dtype": self.dtype,
                 "tensor_parallel_size": self.tensor_parallel_size, "pending": 0, "running": self._running,
-                "sleeping": self._sleeping}
+                "sleeping": self._sleeping, **self._tokens,
+                "prefix_hit_rate": self._tokens["cached_prompt_tokens"] / max(1, self._tokens["prompt_tokens"])}
 
     async def pause(self, mode: PauseMode = PauseMode.WAIT) -> None:
         await self.llm.pause_generation(mode=mode.value, clear_cache=False)

@@ -306,20 +306,20 @@ class Trainer:
     def pairs_call(self, method: str, *args: Any, m: dict[str, float]) -> Any:
         """Call the pair builder. A call lost to its crash (RayActorError) is sent again to the restarted
         process; what the crash lost from its buffer `commit_every_group` finds and re-sends."""
-        import ray
         from ray.exceptions import RayActorError
 
-        for attempt in range(PAIRS_CALL_ATTEMPTS):
-            try:
-                return ray.get(getattr(self.pairs, method).remote(*args))
-            except RayActorError as exc:
-                m["faults/pair_builder_calls_lost"] = m.get("faults/pair_builder_calls_lost", 0.0) + 1
-                if attempt + 1 == PAIRS_CALL_ATTEMPTS:
-                    raise RuntimeError(f"pair builder: {method} failed {PAIRS_CALL_ATTEMPTS} times (the actor is "
-                                       f"gone, restarts exhausted?): {exc}") from exc
+        from mosaic_ray.actors.pair_builder import call_pair_builder
+
+        def lost(attempt: int, exc: BaseException) -> None:
+            m["faults/pair_builder_calls_lost"] = m.get("faults/pair_builder_calls_lost", 0.0) + 1
+            if attempt + 1 < PAIRS_CALL_ATTEMPTS:
                 log.warning("pair builder died during %s; retrying on its restarted process", method)
-                time.sleep(1.0 + attempt)
-        raise AssertionError("unreachable")
+
+        try:
+            return call_pair_builder(self.pairs, method, *args, attempts=PAIRS_CALL_ATTEMPTS, on_lost=lost)
+        except RayActorError as exc:
+            raise RuntimeError(f"pair builder: {method} failed {PAIRS_CALL_ATTEMPTS} times (the actor is gone, "
+                               f"restarts exhausted?): {exc}") from exc
 
     def commit_every_group(self, iteration: int, tasks: list[Task], m: dict[str, float]) -> dict[str, Any]:
         """Flush the pair builder and check that every group of the iteration is committed; re-generate and
