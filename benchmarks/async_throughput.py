@@ -12,11 +12,14 @@ below, so both RL phases begin from identical weights.
 
 Cores: one engine and one learner, each reserving 1 Ray CPU (`engine.num_cpus=1`, `learner.num_cpus=1`) and
 running 1 torch thread (`engine.cpu_threads=1`, `learner.cpu_threads=1`, the tiny-cpu default is 2 for sync);
-the project sets no CPU affinity itself, so this benchmark pins them: once a run's actors are up, every thread
-of the engine process goes to the first core this process may use and every thread of the learner to the second
-(`os.sched_setaffinity`; threads started later inherit it; `--no-pin` leaves placement to the OS). The light
-actors (rollout workers, pair builder) keep their fractional Ray CPUs and float over both cores, with the driver
-and Ray itself; the local Ray gets just enough logical CPUs for all of them (`ray_cpus`).
+the project sets no CPU affinity itself, so this benchmark pins: once a run's actors are up, the learner process
+gets the second core this process may use to itself, and everything else of the run (the engine, the rollout
+workers, the pair builder, the driver, Ray's own processes: this process and all its descendants) the first
+(`os.sched_setaffinity` on every thread; threads and processes started later inherit it; `--no-pin` leaves
+placement to the OS). So the rollout side and the learner each have a core, as a cluster gives rollouts and
+training their own machines: left to float, the light actors ran on the learner's core during async's
+overlapped updates and slowed them by a third (update 5.2 s sync, 6.9 s async; ratio 1.00x). The local Ray gets
+just enough logical CPUs for the actors' reservations (`ray_cpus`).
 
 Timed: the RL phase only, from the first iteration's rollouts to the end of the last iteration (its checkpoint
 included), on the driver's clock; the warm start, the evaluations and actor start-up (rollout workers included:
@@ -70,7 +73,7 @@ the preset's 2 threads, ~1.4x faster), each run ~100 s outside its RL phase, an 
 ~9.5 s (async)."""
 CORE_SPLIT = ("engine.num_engines=1", "learner.num_learners=1", "engine.num_cpus=1", "learner.num_cpus=1",
               "engine.cpu_threads=1", "learner.cpu_threads=1")
-"""One engine and one learner, 1 Ray CPU and 1 torch thread each (pinned to a core each, see `pin`)."""
+"""One engine and one learner, 1 Ray CPU and 1 torch thread each (the learner on a core of its own, see `pin`)."""
 HELDOUT = {"harmful_refusal_rate": "harmful", "injection_success_rate": "injection",
            "benign_success_rate": "benign", "over_refusal_rate": "benign"}
 """The held-out metrics compared, with the category whose tasks are each rate's denominator."""
@@ -95,13 +98,35 @@ def ray_cpus(cfg: Any) -> int:
 def pin(pid: int, cpu: int) -> int:
     """Every thread of process `pid` onto `cpu` (threads it starts later inherit it); how many were pinned."""
     n = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:  # a process that just ended
+        return 0
+    for task in tasks:
         try:
             os.sched_setaffinity(int(task.name), {cpu})
             n += 1
         except (ProcessLookupError, PermissionError):  # a thread that just ended
             pass
     return n
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process whose chain of parents reaches `root` (not `root` itself), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # a process that just ended
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
@@ -128,12 +153,16 @@ def bench_trainer(pin_cores: tuple[int, int] | None):
             self.pids = {"engine": ray.get([h.__ray_call__.remote(lambda actor: os.getpid())
                                             for h in self.engines]),
                          "learner": list(getattr(self.learner, "pids", []))}
-            self.pinned: dict[str, list[int]] = {}
+            self.pinned: dict[str, int] = {}
             if pin_cores is not None:
-                for kind, cpu in zip(("engine", "learner"), pin_cores, strict=True):
-                    for pid in self.pids[kind]:
-                        pin(pid, cpu)
-                    self.pinned[kind] = [cpu]
+                rollout_core, learner_core = pin_cores
+                learners = set(self.pids["learner"])
+                for pid in [os.getpid(), *descendants(os.getpid())]:
+                    if pid not in learners:
+                        pin(pid, rollout_core)
+                for pid in learners:
+                    pin(pid, learner_core)
+                self.pinned = {"learner": learner_core, "everything else": rollout_core}
             self.rl_t0: float | None = None
             self.rl_t1: float | None = None
             self.cpu0: dict[str, float] = {}
@@ -264,7 +293,7 @@ def _pct(v: float | None) -> str:
 def print_results(runs: dict[str, dict[str, Any]], ratio: float, comparison: list[dict[str, Any]],
                   setup: dict[str, Any]) -> None:
     print(f"\nasync vs sync, {setup['config']}: {setup['iterations']} RL iterations each, cores "
-          f"{setup['cores']}, engine/learner pinned to {setup['pin'] or 'none (OS placement)'}, Ray CPUs "
+          f"{setup['cores']}, pinned: {setup['pin'] or 'nothing (OS placement)'}, Ray CPUs "
           f"{setup['ray_cpus']}, load average {setup['load_average']:.1f}")
     head = (f"{'mode':<6} {'iters':>5} {'RL s':>8} {'iters/s':>8} {'rollout s':>9} {'judge s':>7} {'update s':>8} "
             f"{'sync s':>6} {'overlap':>7} {'med iter s':>10} {'staleness':>9} {'eng busy':>8} {'lrn busy':>8}")
@@ -299,7 +328,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for both runs (after the core split; train.mode is set per run)")
     p.add_argument("--json", metavar="PATH", help="also write the JSON result here")
-    p.add_argument("--no-pin", action="store_true", help="leave engine and learner placement to the OS")
+    p.add_argument("--no-pin", action="store_true", help="leave the placement of every process to the OS")
     p.add_argument("--keep", metavar="DIR", help="keep the run directories under DIR (default: a temp dir, removed)")
     args = p.parse_args(argv)
     if args.iterations < 1:
@@ -323,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = sorted(os.sched_getaffinity(0))
     pin_cores = None if args.no_pin or len(cores) < 2 else (cores[0], cores[1])
     if pin_cores is None and not args.no_pin:
-        log.warning("only %d core(s) available to this process: engine and learner are not pinned", len(cores))
+        log.warning("only %d core(s) available to this process: nothing is pinned", len(cores))
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="async-throughput-"))
     root.mkdir(parents=True, exist_ok=True)
     if any((root / name).exists() for name in ("warmstart", *MODES)):
@@ -351,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = throughput_ratio(runs["sync"], runs["async"])
     comparison = compare_heldout(runs["sync"]["heldout"], runs["async"]["heldout"])
     setup = {"config": args.config, "iterations": args.iterations, "cores": len(cores), "ray_cpus": n_cpus,
-             "pin": {"engine": pin_cores[0], "learner": pin_cores[1]} if pin_cores else None,
+             "pin": {"learner": pin_cores[1], "everything else": pin_cores[0]} if pin_cores else None,
              "load_average": os.getloadavg()[0], "overrides": [*CORE_SPLIT, *args.set],
              "max_staleness": cfgs["async"].train.max_staleness, "warm_start_and_before_eval_s": round(warm_s, 1),
              "warm_start_threads": {"engine": warm_cfg.engine.cpu_threads, "learner": warm_cfg.learner.cpu_threads},
