@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import json
 import os
 import shutil
 import tempfile
@@ -184,11 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'OK' if worst >= 0.9 else 'BELOW TARGET'}")
     result = {"benchmark": "engine_throughput", "tokens_per_request": args.tokens, "prompt_len": args.prompt_len,
               "max_wait_ms": args.max_wait_ms, "loadavg": os.getloadavg(), "rows": rows, "min_ratio": worst}
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    from mosaic_ray.benchmarks.harness import emit
+
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,15 @@ def load_json(path: Path) -> Any:
 # ------------------------------------------------------------------------------------------------ results
 
 
+def emit(result: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """A throughput benchmark's last output: `result` as one JSON line on stdout and, when `path` is given, the
+    same indented in that file. Returns `result`."""
+    print(json.dumps(result))
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2))
+    return result
+
+
 def run_cases(store: CaseStore, cases: Sequence[Any], case_id: Callable[[Any], str],
               run_one: Callable[[Any], Awaitable[dict[str, Any]]], *, desc: str, concurrency: int = 64) -> None:
     """Run every case not yet in `store` (up to `concurrency` at once), storing each record as it finishes."""

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 import shutil
 import statistics
@@ -408,11 +407,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name} phases (s/step): " + ", ".join(f"{k.removesuffix('_s')} {v:.2f}"
                                                        for k, v in side["phases_s"].items()))
     print(f"ratio ours/TRL: {ratio:.2f}x (target <= 1.0x)")
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    from mosaic_ray.benchmarks.harness import emit
+
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import tempfile
@@ -224,11 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{k:<34} {v:6.2f}x")
     result = {"rows": rows, "ratios": ratios, "load_average": load, "cores": os.cpu_count(),
               "group_size": args.group_size}
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    from mosaic_ray.benchmarks.harness import emit
+
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":
