@@ -2,12 +2,13 @@
 
 A thin wrapper around the Ray-free runner `mosaic_ray.rollout.run_episode`: the actor loads the tokenizer
 from the model directory, builds the policy (an `EngineRouter` over engine actors, or a scripted policy by
-name), and serves `run_episode(spec)` calls. Up to `rollout.episodes_per_worker` episodes run concurrently
-(an asyncio semaphore); while one episode awaits its engine, the others render, parse and run tools.
+name), and serves `run_episodes(specs)` calls. Up to `rollout.episodes_per_worker` episodes run concurrently
+(an asyncio semaphore, across calls); while one episode awaits its engine, the others render, parse and run tools.
 
-One call = one episode. `run_episode_into(spec, sink)` (training) hands the record straight to the pair builder
-(`sink`) and returns only an `EpisodeReceipt`, so trajectories never pass through the driver; `run_episode(spec)`
-(evaluation) returns the record itself. A worker that dies loses exactly the calls it had in flight, which the
+One call = several episodes (the fleet sizes them; see `actors/fleet.py`), run concurrently and returned together.
+`run_episodes_into(specs, sink)` (training) hands the records straight to the pair builder (`sink`, one `add`
+per call) and returns only `EpisodeReceipt`s, so trajectories never pass through the driver; `run_episodes(specs)`
+(evaluation) returns the records themselves. A worker that dies loses exactly the calls it had in flight, which the
 fleet re-runs elsewhere under the same deterministic trajectory ids (and the same per-turn sampling seeds); the
 pair builder drops a record it already holds.
 
@@ -110,7 +111,7 @@ async def deliver(sink: Any, records: list[TrajectoryRecord]) -> None:
 
 @ray.remote(max_restarts=0)
 class RolloutWorker:
-    """Serves `run_episode(spec) -> TrajectoryRecord`; see the module docstring.
+    """Serves `run_episodes(specs) -> [TrajectoryRecord]`; see the module docstring.
 
     Exactly one policy source: `router` (an `EngineRouter` over engine actor handles) or `scripted` (a name
     from `mosaic_ray.policies.scripted.SCRIPTED`, with `scripted_delay_s` of simulated latency per turn).
@@ -152,11 +153,15 @@ class RolloutWorker:
         self.metrics.record(rec)
         return rec
 
-    async def run_episode_into(self, spec: EpisodeSpec, sink: Any) -> EpisodeReceipt:
-        """`run_episode`, then `sink.add([record])` (the pair builder), retried on its restarted process."""
-        rec = await self.run_episode(spec)
-        await deliver(sink, [rec])
-        return EpisodeReceipt.of(rec)
+    async def run_episodes(self, specs: list[EpisodeSpec]) -> list[TrajectoryRecord]:
+        """Every spec's episode, concurrently (within `episodes_per_worker` across calls); records in spec order."""
+        return list(await asyncio.gather(*(self.run_episode(spec) for spec in specs)))
+
+    async def run_episodes_into(self, specs: list[EpisodeSpec], sink: Any) -> list[EpisodeReceipt]:
+        """`run_episodes`, then one `sink.add(records)` (the pair builder), retried on its restarted process."""
+        records = await self.run_episodes(specs)
+        await deliver(sink, records)
+        return [EpisodeReceipt.of(rec) for rec in records]
 
     # --------------------------------------------------------------------------------- control plane
 

@@ -2,18 +2,23 @@
 
 Two policies:
 - `scripted` (the `naive` scripted policy; no model): measures the episode machinery itself — rendering,
-  tokenizing, parsing, sandbox tools, grading — and the Ray overhead of one remote call per episode.
+  tokenizing, parsing, sandbox tools, grading — and the Ray overhead of the fleet's calls (several episodes each).
 - `model` (the tiny model, HF engine, sampling at temperature 1, seeded per turn, up to 3 turns per episode): in
   process, the loop awaits an `HFEngine` directly, once without and once with prefix reuse across turns
   (`engine.prefix_cache_mb`); through Ray, the workers call one `EngineActor` (prefix reuse on, the default) via
   an `EngineRouter`. Per-turn seeds derive from the trajectory id, so every side generates the same tokens and
-  does the same work.
+  does the same work. Both engines run `engine.cpu_threads` torch threads, 1 here: the preset's 2 (meant for
+  sync training, where engines and learner take turns) would give the actor's engine an OpenMP team that spins
+  against the rollout worker for the second core, while the in-process engine had 1 (the previous versions of this
+  benchmark compared that, 0.58x).
 
 Every configuration runs the same tasks (tasks × G), `--repeats` times, the configurations taking turns; each
 repeat has new episode ids and, for the model, new engines, so no run reuses another's cached K/V. The table
-shows each configuration's median repeat (the JSON has every repeat's seconds). Workers are started and warmed before the clock starts
-(`wait_for_workers`), so the numbers are steady-state throughput, not actor start-up. Reports
-episodes/s, generated tokens/s, prompt tokens the engine prefilled per generated token (from the engine's own
+shows each configuration's median repeat (the JSON has every repeat's seconds). Every side plays one episode of every
+task before its clock starts (workers started, `wait_for_workers`, then that pass): the first episodes of a domain in
+a process build its sandbox and templates, and the engine caches the domains' system prompts, which a fresh worker
+or engine would otherwise pay inside the timed pass (and a training run pays once, not every iteration). So the
+numbers are steady-state throughput, not start-up. Reports episodes/s, generated tokens/s, prompt tokens the engine prefilled per generated token (from the engine's own
 counters), and ratios measured in the same run: `fleet1w_vs_inprocess` (1 worker vs the plain loop with the same
 engine settings: < 1 is Ray's overhead), `scaling_2w_vs_1w` (2 workers vs 1) and, for the model,
 `prefix_reuse_speedup` (the in-process loop with prefix reuse vs without). Prints a table and one JSON line.
@@ -64,14 +69,15 @@ def _median(name: str, runs: list[tuple]) -> dict[str, Any]:
 
 def _fleet_run(cfg, model_dir: str, tasks, group_size: int, workers: int, iteration: int,
                **source) -> tuple[list, float]:
-    """Time one fleet pass over `iteration`'s episodes (new episode ids, so new prefix-cache session keys)."""
+    """Time one fleet pass over `iteration`'s episodes (new episode ids, so new prefix-cache session keys), after
+    a warm-up pass of one episode per task."""
     from mosaic_ray.actors.fleet import RolloutFleet
 
     from mosaic_ray.schema import from_arrow
 
     with RolloutFleet(cfg, model_dir=model_dir, run_id="bench", num_workers=workers, **source) as fleet:
         fleet.wait_for_workers(workers)
-        list(fleet.stream(tasks[:2], group_size=1, iteration=-1 - iteration))  # warm the workers' code paths
+        list(fleet.stream(tasks, group_size=1, iteration=-1 - iteration))
         start = time.perf_counter()
         records = [r for b in fleet.stream(tasks, group_size=group_size, iteration=iteration)
                    for r in from_arrow(b)]
@@ -93,6 +99,8 @@ def bench_scripted(cfg, model_dir: str, tasks, group_size: int, repeats: int) ->
     tok = load_tokenizer(model_dir)
     policy_for = scripted_factory("naive", tok)
     runs: dict[str, list] = {"scripted in-process": [], "scripted fleet 1w": [], "scripted fleet 2w": []}
+    # the in-process loop's warm-up pass (the fleet's is in `_fleet_run`)
+    _inprocess_run(episode_specs(tasks, group_size=1, run_id="bench", iteration=-1), policy_for, tok, cfg)
     for k in range(repeats):  # the configurations take turns, so a slow spell of the machine hits them alike
         specs = episode_specs(tasks, group_size=group_size, run_id="bench", iteration=k)
         runs["scripted in-process"].append(_inprocess_run(specs, policy_for, tok, cfg))
@@ -118,9 +126,9 @@ def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> li
     async def inprocess(prefix_cache_mb: float, iteration: int) -> tuple[list, float, dict]:
         specs = episode_specs(tasks, group_size=group_size, run_id="bench", iteration=iteration)
         engine = HFEngine(model_dir, max_batch_size=e.max_batch_size, max_wait_ms=e.max_wait_ms, device="cpu",
-                          prefix_cache_mb=prefix_cache_mb)
+                          cpu_threads=e.cpu_threads, prefix_cache_mb=prefix_cache_mb)
         policy = EnginePolicy(EngineRouter([engine]), e)
-        warm = episode_specs(tasks[:2], group_size=1, run_id="bench", iteration=-1 - iteration)
+        warm = episode_specs(tasks, group_size=1, run_id="bench", iteration=-1 - iteration)
         await run_episodes(warm, lambda s: policy, tok, protocol_cfg=cfg.protocol)
         before = engine.health()
         start = time.perf_counter()
@@ -134,7 +142,7 @@ def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> li
     def fleet(workers: int, iteration: int) -> tuple[list, float, dict]:
         engines = start_engine_actors(e, model_dir, num_engines=1)
         try:
-            before = ray.get(engines[0].health.remote())  # the counters also hold the two warm-up episodes
+            before = ray.get(engines[0].health.remote())  # the counters also hold the warm-up episodes
             records, elapsed = _fleet_run(cfg, model_dir, tasks, group_size, workers, iteration,
                                           engine_handles=engines)
             return records, elapsed, _delta(before, ray.get(engines[0].health.remote()))
@@ -181,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir = str(cached_tiny_model(TinyModelConfig()))
     cfg = load_config("tiny-cpu", ["rollout.num_cpus_per_worker=0.5", "rollout.episodes_per_worker=32",
                                    "rollout.autoscale=false", "rollout.max_workers=2", "engine.num_cpus=0.5",
-                                   "engine.device=cpu", "engine.max_batch_size=32", "protocol.max_new_tokens=32",
+                                   "engine.device=cpu", "engine.cpu_threads=1", "engine.max_batch_size=32", "protocol.max_new_tokens=32",
                                    "protocol.max_steps=3"])
     tasks = load_tasks("train", size=max(args.tasks, args.model_tasks))
     temp = tempfile.mkdtemp(prefix="mr-rb-", dir="/tmp")

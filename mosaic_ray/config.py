@@ -185,7 +185,8 @@ class RolloutConfig:
     control_interval_s: float = 0.5
     """How often the fleet's control thread admits started workers and makes scaling decisions."""
     max_in_flight_per_worker: int = 0
-    """Episodes the fleet keeps sent to one worker (0 = episodes_per_worker, so none wait inside a worker)."""
+    """Episodes the fleet keeps sent to one worker (0 = episodes_per_worker plus a quarter of it, which waits inside
+    the worker for free slots; see `actors/fleet.py`)."""
 
 
 @dataclass(frozen=True)
