@@ -19,9 +19,10 @@ task before its clock starts (workers started, `wait_for_workers`, then that pas
 a process build its sandbox and templates, and the engine caches the domains' system prompts, which a fresh worker
 or engine would otherwise pay inside the timed pass (and a training run pays once, not every iteration). So the
 numbers are steady-state throughput, not start-up. Reports episodes/s, generated tokens/s, prompt tokens the engine prefilled per generated token (from the engine's own
-counters), and ratios measured in the same run: `fleet1w_vs_inprocess` (1 worker vs the plain loop with the same
-engine settings: < 1 is Ray's overhead), `scaling_2w_vs_1w` (2 workers vs 1) and, for the model,
-`prefix_reuse_speedup` (the in-process loop with prefix reuse vs without). Prints a table and one JSON line.
+counters), and ratios measured in the same run, each the median of the repeats' paired ratios (`_paired_ratio`):
+`fleet1w_vs_inprocess` (1 worker vs the plain loop with the same engine settings: < 1 is Ray's overhead),
+`scaling_2w_vs_1w` (2 workers vs 1) and, for the model, `prefix_reuse_speedup` (the in-process loop with prefix
+reuse vs without). Prints a table and one JSON line.
 
     python -m mosaic_ray.benchmarks.rollout_throughput [--tasks 100] [--model-tasks 24] [--repeats 5] [--json out.json]
 """
@@ -58,30 +59,40 @@ def _delta(before: dict, after: dict) -> dict[str, int]:
     return {k: after[k] - before[k] for k in COUNTERS}
 
 
-def _median(name: str, runs: list[tuple]) -> dict[str, Any]:
+def _median(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The median repeat of a configuration (by seconds), with every repeat's seconds beside it. Not the fastest:
     on a small shared machine one process alone has lucky runs that several cooperating processes rarely get, so
     a best-of comparison favours the in-process loop."""
-    row = _summ(name, *sorted(runs, key=lambda run: run[1])[len(runs) // 2])
-    row["repeat_seconds"] = [run[1] for run in runs]
-    return row
+    return {**sorted(rows, key=lambda row: row["seconds"])[len(rows) // 2],
+            "repeat_seconds": [row["seconds"] for row in rows]}
 
 
-def _fleet_run(cfg, model_dir: str, tasks, group_size: int, workers: int, iteration: int,
-               **source) -> tuple[list, float]:
+def _paired_ratio(rows: list[dict[str, Any]], base: list[dict[str, Any]]) -> float:
+    """The median over repeats of episodes/s against the baseline's repeat of the same turn: a slow spell of the
+    machine (single runs here took up to twice their median) hits a pair alike and cancels."""
+    ratios = sorted(r["episodes_per_s"] / b["episodes_per_s"] for r, b in zip(rows, base, strict=True))
+    return ratios[len(ratios) // 2]
+
+
+def _fleet_run(name: str, cfg, model_dir: str, tasks, group_size: int, workers: int, iteration: int,
+               **source) -> dict[str, Any]:
     """Time one fleet pass over `iteration`'s episodes (new episode ids, so new prefix-cache session keys), after
-    a warm-up pass of one episode per task."""
+    a warm-up pass of one episode per task; with engine actors, their counters over the timed pass."""
+    import ray
     from mosaic_ray.actors.fleet import RolloutFleet
 
     from mosaic_ray.schema import from_arrow
 
+    engine = source.get("engine_handles", [None])[0]
     with RolloutFleet(cfg, model_dir=model_dir, run_id="bench", num_workers=workers, **source) as fleet:
         fleet.wait_for_workers(workers)
         list(fleet.stream(tasks, group_size=1, iteration=-1 - iteration))
+        before = ray.get(engine.health.remote()) if engine else None
         start = time.perf_counter()
         records = [r for b in fleet.stream(tasks, group_size=group_size, iteration=iteration)
                    for r in from_arrow(b)]
-        return records, time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        return _summ(name, records, elapsed, _delta(before, ray.get(engine.health.remote())) if engine else None)
 
 
 def _inprocess_run(specs, policy_for, tok, cfg) -> tuple[list, float]:
@@ -93,7 +104,7 @@ def _inprocess_run(specs, policy_for, tok, cfg) -> tuple[list, float]:
     return records, time.perf_counter() - start
 
 
-def bench_scripted(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> list[dict]:
+def bench_scripted(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> dict[str, list[dict]]:
     from mosaic_ray.rollout import episode_specs, load_tokenizer, scripted_factory
 
     tok = load_tokenizer(model_dir)
@@ -103,14 +114,14 @@ def bench_scripted(cfg, model_dir: str, tasks, group_size: int, repeats: int) ->
     _inprocess_run(episode_specs(tasks, group_size=1, run_id="bench", iteration=-1), policy_for, tok, cfg)
     for k in range(repeats):  # the configurations take turns, so a slow spell of the machine hits them alike
         specs = episode_specs(tasks, group_size=group_size, run_id="bench", iteration=k)
-        runs["scripted in-process"].append(_inprocess_run(specs, policy_for, tok, cfg))
+        runs["scripted in-process"].append(_summ("scripted in-process", *_inprocess_run(specs, policy_for, tok, cfg)))
         for n in (1, 2):
-            runs[f"scripted fleet {n}w"].append(_fleet_run(cfg, model_dir, tasks, group_size, n, k,
-                                                           scripted="naive"))
-    return [_median(name, r) for name, r in runs.items()]
+            name = f"scripted fleet {n}w"
+            runs[name].append(_fleet_run(name, cfg, model_dir, tasks, group_size, n, k, scripted="naive"))
+    return runs
 
 
-def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> list[dict]:
+def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> dict[str, list[dict]]:
     """Every repeat gets fresh engines (an empty prefix cache) and new episode ids."""
     import ray
     from mosaic_ray.actors.engines import EngineRouter
@@ -123,7 +134,7 @@ def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> li
     tok = load_tokenizer(model_dir)
     e = cfg.engine
 
-    async def inprocess(prefix_cache_mb: float, iteration: int) -> tuple[list, float, dict]:
+    async def inprocess(name: str, prefix_cache_mb: float, iteration: int) -> dict[str, Any]:
         specs = episode_specs(tasks, group_size=group_size, run_id="bench", iteration=iteration)
         engine = HFEngine(model_dir, max_batch_size=e.max_batch_size, max_wait_ms=e.max_wait_ms, device="cpu",
                           cpu_threads=e.cpu_threads, prefix_cache_mb=prefix_cache_mb)
@@ -137,15 +148,12 @@ def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> li
         elapsed = time.perf_counter() - start
         counters = _delta(before, engine.health())
         await engine.close()
-        return records, elapsed, counters
+        return _summ(name, records, elapsed, counters)
 
-    def fleet(workers: int, iteration: int) -> tuple[list, float, dict]:
+    def fleet(name: str, workers: int, iteration: int) -> dict[str, Any]:
         engines = start_engine_actors(e, model_dir, num_engines=1)
         try:
-            before = ray.get(engines[0].health.remote())  # the counters also hold the warm-up episodes
-            records, elapsed = _fleet_run(cfg, model_dir, tasks, group_size, workers, iteration,
-                                          engine_handles=engines)
-            return records, elapsed, _delta(before, ray.get(engines[0].health.remote()))
+            return _fleet_run(name, cfg, model_dir, tasks, group_size, workers, iteration, engine_handles=engines)
         finally:
             for h in engines:
                 ray.kill(h)
@@ -153,11 +161,11 @@ def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> li
     runs: dict[str, list] = {"model in-process, no prefix reuse": [], "model in-process": [],
                              "model fleet 1w": [], "model fleet 2w": []}
     for k in range(repeats):
-        runs["model in-process, no prefix reuse"].append(asyncio.run(inprocess(0, k)))
-        runs["model in-process"].append(asyncio.run(inprocess(e.prefix_cache_mb, k)))
+        for name, mb in (("model in-process, no prefix reuse", 0), ("model in-process", e.prefix_cache_mb)):
+            runs[name].append(asyncio.run(inprocess(name, mb, k)))
         for n in (1, 2):
-            runs[f"model fleet {n}w"].append(fleet(n, k))
-    return [_median(name, r) for name, r in runs.items()]
+            runs[f"model fleet {n}w"].append(fleet(f"model fleet {n}w", n, k))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -193,31 +201,31 @@ def main(argv: list[str] | None = None) -> dict:
                                    "protocol.max_steps=3"])
     tasks = load_tasks("train", size=max(args.tasks, args.model_tasks))
     temp = tempfile.mkdtemp(prefix="mr-rb-", dir="/tmp")
-    rows: list[dict] = []
+    runs: dict[str, list[dict]] = {}
     try:
         ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                                            "TOKENIZERS_PARALLELISM": "false"}})
-        rows += bench_scripted(cfg, model_dir, tasks[:args.tasks], args.group_size, args.repeats)
+        runs |= bench_scripted(cfg, model_dir, tasks[:args.tasks], args.group_size, args.repeats)
         if not args.skip_model:
-            rows += bench_model(cfg, model_dir, tasks[:args.model_tasks], args.group_size, args.repeats)
+            runs |= bench_model(cfg, model_dir, tasks[:args.model_tasks], args.group_size, args.repeats)
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
 
-    by = {r["config"]: r for r in rows}
+    rows = [_median(r) for r in runs.values()]
     ratios = {}
     for kind in ("scripted", "model"):
-        if f"{kind} fleet 1w" in by:
-            base, one, two = by[f"{kind} in-process"], by[f"{kind} fleet 1w"], by[f"{kind} fleet 2w"]
-            ratios[f"{kind}_fleet1w_vs_inprocess"] = one["episodes_per_s"] / base["episodes_per_s"]
-            ratios[f"{kind}_fleet2w_vs_inprocess"] = two["episodes_per_s"] / base["episodes_per_s"]
-            ratios[f"{kind}_scaling_2w_vs_1w"] = two["episodes_per_s"] / one["episodes_per_s"]
-    if "model in-process, no prefix reuse" in by:
-        off, on = by["model in-process, no prefix reuse"], by["model in-process"]
-        ratios["model_prefix_reuse_speedup"] = on["episodes_per_s"] / off["episodes_per_s"]
-        ratios["model_prefill_per_generated_off"] = off["prefill_per_generated"]
-        ratios["model_prefill_per_generated_on"] = on["prefill_per_generated"]
+        if f"{kind} fleet 1w" in runs:
+            base, one, two = runs[f"{kind} in-process"], runs[f"{kind} fleet 1w"], runs[f"{kind} fleet 2w"]
+            ratios[f"{kind}_fleet1w_vs_inprocess"] = _paired_ratio(one, base)
+            ratios[f"{kind}_fleet2w_vs_inprocess"] = _paired_ratio(two, base)
+            ratios[f"{kind}_scaling_2w_vs_1w"] = _paired_ratio(two, one)
+    if "model in-process, no prefix reuse" in runs:
+        off, on = runs["model in-process, no prefix reuse"], runs["model in-process"]
+        ratios["model_prefix_reuse_speedup"] = _paired_ratio(on, off)
+        ratios["model_prefill_per_generated_off"] = _median(off)["prefill_per_generated"]
+        ratios["model_prefill_per_generated_on"] = _median(on)["prefill_per_generated"]
     load = os.getloadavg()[0]
     print(f"model {model_dir} | G={args.group_size} | cores {os.cpu_count()} | load average {load:.1f}")
     print(f"{'config':<34} {'episodes':>9} {'seconds':>8} {'episodes/s':>11} {'gen tok/s':>10} {'errors':>7} "
