@@ -47,17 +47,19 @@ LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 
 
 class EnginePolicy:
-    """The runner's policy callable over an `EngineRouter`: `TurnRequest` → engine `Completion`."""
+    """The runner's policy callable over an `EngineRouter`: `TurnRequest` → engine `Completion`.
+    `ignore_eos` (benchmarks only, see `SamplingParams.ignore_eos`): every turn generates `max_new_tokens`."""
 
-    def __init__(self, router: EngineRouter, engine_cfg: EngineConfig):
+    def __init__(self, router: EngineRouter, engine_cfg: EngineConfig, *, ignore_eos: bool = False):
         self.router = router
         self.temperature = engine_cfg.temperature
         self.top_p = engine_cfg.top_p
+        self.ignore_eos = ignore_eos
 
     async def __call__(self, request: TurnRequest) -> Completion:
         temperature = self.temperature if request.temperature is None else request.temperature
-        sampling = SamplingParams(temperature=temperature, top_p=self.top_p,
-                                  max_new_tokens=request.max_new_tokens, seed=request.seed)
+        sampling = SamplingParams(temperature=temperature, top_p=self.top_p, max_new_tokens=request.max_new_tokens,
+                                  seed=request.seed, ignore_eos=self.ignore_eos)
         return await self.router.generate(GenerationRequest(list(request.prompt_ids), sampling,
                                                             request.request_id, request.session_id))
 

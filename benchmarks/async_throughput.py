@@ -391,9 +391,9 @@ def main(argv: list[str] | None = None) -> int:
               "ratio_async_over_sync": ratio, "target": TARGET, "ratio_met": ratio >= TARGET,
               "steady_ratio_sync_over_async_median_iteration_s": steady_ratio(runs["sync"], runs["async"]),
               "heldout": comparison, "heldout_ok": learning_ok}
-    print(json.dumps(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    from mosaic_ray.benchmarks.harness import emit
+
+    emit(result, args.json)
     return 0 if ratio >= TARGET and learning_ok else 1
 
 

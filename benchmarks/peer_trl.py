@@ -138,25 +138,6 @@ def _check(records: list) -> None:
 # ------------------------------------------------------------------------------------------------- ours
 
 
-class EnginePolicyForced:
-    """The rollout worker's engine policy (`EnginePolicy`) over one in-process engine, with `ignore_eos` when the
-    benchmark forces every turn to `max_new_tokens`."""
-
-    def __init__(self, engine: Any, engine_cfg: Any, ignore_eos: bool):
-        self.engine = engine
-        self.temperature, self.top_p = engine_cfg.temperature, engine_cfg.top_p
-        self.ignore_eos = ignore_eos
-
-    async def __call__(self, request: Any) -> Any:
-        from mosaic_ray.actors.engines.base import GenerationRequest, SamplingParams
-
-        temperature = self.temperature if request.temperature is None else request.temperature
-        sampling = SamplingParams(temperature=temperature, top_p=self.top_p, max_new_tokens=request.max_new_tokens,
-                                  seed=request.seed, ignore_eos=self.ignore_eos)
-        req = GenerationRequest(list(request.prompt_ids), sampling, request.request_id, request.session_id)
-        return (await self.engine.generate([req]))[0]
-
-
 OURS_PHASES = ("rollout_s", "judge_s", "update_s", "weight_load_s")
 
 
@@ -165,7 +146,9 @@ class OursStepper:
     the judge once (not timed); `step(it)` appends the step's seconds and phases to `rows`."""
 
     def __init__(self, s: Setup):
+        from mosaic_ray.actors.engines import EngineRouter
         from mosaic_ray.actors.engines.hf import HFEngine
+        from mosaic_ray.actors.rollout_worker import EnginePolicy
         from mosaic_ray.learners import Learner
 
         from mosaic_ray.judge import RubricJudge
@@ -180,7 +163,7 @@ class OursStepper:
                                max_wait_ms=e.max_wait_ms, dtype=s.cfg.model.dtype, device="cpu",
                                max_model_len=e.max_model_len, seed=e.seed, cpu_threads=s.threads,
                                prefix_cache_mb=e.prefix_cache_mb)
-        self.policy = EnginePolicyForced(self.engine, e, s.forced)
+        self.policy = EnginePolicy(EngineRouter([self.engine]), e, ignore_eos=s.forced)
         self.loop = asyncio.new_event_loop()   # the engine settles its futures on the loop that awaits them
         self.rows: list[dict[str, float]] = []
 
