@@ -6,12 +6,12 @@
 The default `tiny-cpu` config is trained twice, `train.mode=sync` then `train.mode=async` (`AsyncSchedule`: the
 rollouts of iteration k+1 run while the learner updates on k, `train.max_staleness` 1), for `--iterations` RL
 iterations each, same seed. Both start from one shared warm start: it is trained and evaluated ("before") once,
-with the preset's own threads (tiny-cpu: 2 per engine and learner; nothing else runs then), its run directory
+with the preset's own threads (tiny-cpu: 1 per engine, 2 for the learner; nothing else runs then), its run directory
 (`checkpoints/warmstart`, `state.json`) copied twice, and each copy is `--resume`d in its mode with the core split
 below, so both RL phases begin from identical weights.
 
 Cores: one engine and one learner, each reserving 1 Ray CPU (`engine.num_cpus=1`, `learner.num_cpus=1`) and
-running 1 torch thread (`engine.cpu_threads=1`, `learner.cpu_threads=1`, the tiny-cpu default is 2 for sync);
+running 1 torch thread (`engine.cpu_threads=1`, `learner.cpu_threads=1`; tiny-cpu gives the learner 2 for sync);
 the project sets no CPU affinity itself, so this benchmark pins: once a run's actors are up, the learner process
 gets the second core this process may use to itself, and everything else of the run (the engine, the rollout
 workers, the pair builder, the driver, Ray's own processes: this process and all its descendants) the first
@@ -68,8 +68,8 @@ TARGET = 1.3
 """async iterations/s over sync iterations/s."""
 DEFAULT_ITERATIONS = 15
 """Warm start, three evaluations and both runs of tiny-cpu in about 13-15 minutes on the 2-core machine: at 4
-iterations (1 thread everywhere) the warm start took 267 s and the "before" evaluation ~125 s (both now run with
-the preset's 2 threads, ~1.4x faster), each run ~100 s outside its RL phase, an iteration ~11.5 s (sync) and
+iterations (1 thread everywhere) the warm start took 267 s (now with the learner's 2 preset threads, ~1.4x
+faster) and the "before" evaluation ~125 s, each run ~100 s outside its RL phase, an iteration ~11.5 s (sync) and
 ~9.5 s (async)."""
 CORE_SPLIT = ("engine.num_engines=1", "learner.num_learners=1", "engine.num_cpus=1", "learner.num_cpus=1",
               "engine.cpu_threads=1", "learner.cpu_threads=1")

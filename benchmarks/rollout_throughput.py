@@ -7,10 +7,9 @@ Two policies:
   process, the loop awaits an `HFEngine` directly, once without and once with prefix reuse across turns
   (`engine.prefix_cache_mb`); through Ray, the workers call one `EngineActor` (prefix reuse on, the default) via
   an `EngineRouter`. Per-turn seeds derive from the trajectory id, so every side generates the same tokens and
-  does the same work. Both engines run `engine.cpu_threads` torch threads, 1 here: the preset's 2 (meant for
-  sync training, where engines and learner take turns) would give the actor's engine an OpenMP team that spins
-  against the rollout worker for the second core, while the in-process engine had 1 (the previous versions of this
-  benchmark compared that, 0.58x).
+  does the same work. Both engines run `engine.cpu_threads` torch threads, 1 (the preset's value, set here too):
+  2 would give the actor's engine an OpenMP team that spins against the rollout worker for the second core, while
+  the in-process engine had 1 (an earlier version of this benchmark compared that, 0.58x).
 
 Every configuration runs the same tasks (tasks × G), `--repeats` times, the configurations taking turns; each
 repeat has new episode ids and, for the model, new engines, so no run reuses another's cached K/V. The table
