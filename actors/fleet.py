@@ -29,6 +29,11 @@ starts and retires them as the scaling policy (`Scaler`, `actors/scaler.py`) dec
 takes under its lock. It never waits on an episode and the data plane never waits on it: starting an actor is
 a non-blocking `.remote()`, a new worker joins dispatch when its `ready()` resolves, a retired worker first
 drains its in-flight episodes, and a dead worker's slot is refilled (or given up) by the scaler's next step.
+
+Colocated engines (`rollout.colocate_engine`): the workers are the run's engines (`ColocatedWorker`s), which the
+caller starts, supervises (`EngineSupervisor`: weights, health, restarts) and stops, so the fleet neither starts,
+resizes nor kills them. A colocated worker that dies restarts in place; its in-flight episodes are re-queued as
+above, and it takes episodes again once its `ready()` resolves, after the supervisor reloaded its weights.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from mosaic_ray.rollout import EpisodeReceipt, EpisodeSpec, episode_specs, faile
 from mosaic_ray.scenarios.tasks import Task
 from mosaic_ray.schema import TrajectoryRecord, to_arrow
 
-from .engines.router import EngineRouter
+from .engines.router import EngineNotServingError, EngineRouter
 from .pair_builder import call_pair_builder
 from .rollout_worker import SINK_ATTEMPTS, RolloutWorker
 from .scaler import Decision, FleetState, Scaler, WorkerLoad
@@ -66,6 +71,8 @@ START_FAILURES_FATAL = 3
 POLL_S = 0.2
 """Longest the data plane waits for a result before re-dispatching (new workers, requeued episodes)."""
 CONTROL_CALL_TIMEOUT_S = 60.0
+RESTART_POLL_S = 1.0
+"""How often the fleet asks a restarting colocated worker whether it is ready."""
 
 
 class FleetError(RuntimeError):
@@ -97,11 +104,13 @@ class WorkerInfo:
     worker_id: str
     handle: Any
     ready_ref: Any
+    """The worker's `ready()` call; None while a restarting colocated worker waits to be asked (`ready_after`)."""
     state: WorkerState = "starting"
     node_id: str | None = None
     in_flight: dict[Any, list[EpisodeSpec]] = field(default_factory=dict)
     """ObjectRef of a `run_episodes` call → its specs."""
     idle_since: float = field(default_factory=time.monotonic)
+    ready_after: float = 0.0
     router_version: int = 0
     """Which `set_engines` call the worker's router reflects (a worker started before one gets it on ready)."""
 
@@ -149,7 +158,13 @@ class RolloutFleet:
         self.cfg = cfg
         self.model_dir = str(model_dir)
         self.run_id = run_id
-        self._router = self._make_router(engine_handles) if engine_handles is not None else router
+        self._colocated = cfg.rollout.colocate_engine
+        """The workers are the engines (`ColocatedWorker`s, passed as `engine_handles`), started by the caller."""
+        if self._colocated and engine_handles is None:
+            raise ValueError("RolloutFleet: rollout.colocate_engine: pass the colocated workers as engine_handles= "
+                             "(`start_rollout_engines`)")
+        self._router = (None if self._colocated else
+                        self._make_router(engine_handles) if engine_handles is not None else router)
         self._scripted = scripted
         self._router_version = 0
         self._scripted_delay_s = scripted_delay_s
@@ -170,8 +185,16 @@ class RolloutFleet:
         self.counters = {"workers_started": 0, "worker_deaths": 0, "retries": 0, "duplicates_dropped": 0,
                          "stale_dropped": 0, "failed_episodes": 0, "episodes": 0}
         self._options = self._worker_options()
-        initial = num_workers if num_workers is not None else max(self.rc.min_workers, 1)
-        self._target = max(0, min(initial, self.rc.max_workers))
+        if self._colocated:
+            if num_workers is not None:
+                raise ValueError("RolloutFleet: with colocated engines the workers are engine_handles; "
+                                 "num_workers does not apply")
+            for handle in engine_handles:
+                self._admit_colocated(handle)
+            self._target = len(self._workers)
+        else:
+            initial = num_workers if num_workers is not None else max(self.rc.min_workers, 1)
+            self._target = max(0, min(initial, self.rc.max_workers))
         self._reconcile(free=None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._control_loop, name="rollout-fleet-control", daemon=True)
@@ -252,6 +275,8 @@ class RolloutFleet:
                                     ray.available_resources())
                     if self._fatal:
                         raise FleetError(self._fatal)
+                    if not self._workers and self._colocated:
+                        raise FleetError("RolloutFleet: every colocated worker (engine) is dead for good")
                     if not self._workers and self._target == 0 and not self.rc.autoscale:
                         raise FleetError("RolloutFleet: no workers and autoscale is off; call scale_to(n > 0) or "
                                          "set rollout.autoscale")
@@ -286,7 +311,8 @@ class RolloutFleet:
         """Wait up to `timeout` for finished episodes (or workers becoming ready); return new records (receipts
         when delivering) and failure records."""
         with self._lock:
-            refs = list(self._owner) + [w.ready_ref for w in self._workers.values() if w.state == "starting"]
+            refs = list(self._owner) + [w.ready_ref for w in self._workers.values()
+                                        if w.state == "starting" and w.ready_ref is not None]
         if not refs:
             time.sleep(min(timeout, 0.05))  # nothing to wait on: the control thread is (re)starting workers
             return []
@@ -310,7 +336,8 @@ class RolloutFleet:
                 results.append((specs, CallResult(worker.worker_id, True, ray.get(ref))))
             except Exception as exc:  # noqa: BLE001 - a failure is a value (RLlib's CallResult)
                 results.append((specs, CallResult(worker.worker_id, False, error=_describe(exc))))
-                if not _is_application_error(exc):
+                # a colocated worker that restarted between calls refuses episodes until its weights are back
+                if not _is_application_error(exc) or (self._colocated and isinstance(exc, EngineNotServingError)):
                     with self._lock:
                         self._mark_dead(worker, _describe(exc))
         records = []
@@ -390,6 +417,7 @@ class RolloutFleet:
         the policy may move the size again later."""
         if n < 0:
             raise ValueError(f"scale_to: n must be >= 0, got {n}")
+        self._not_colocated("scale_to")
         with self._lock:
             self._target = min(n, self.rc.max_workers)
         self._reconcile(free=None)
@@ -398,6 +426,7 @@ class RolloutFleet:
         """Change the scaling policy of a live fleet (`min_workers`, `max_workers`, `autoscale`,
         `scale_up_queue_per_worker`, `idle_scale_down_s`, `request_autoscaler`); takes effect at the next
         control step. E.g. `reconfigure(max_workers=64)` lets a grown cluster take more workers."""
+        self._not_colocated("reconfigure")
         with self._lock:
             rc = self._scaler.reconfigure(**changes)
             self._target = max(rc.min_workers, min(self._target, rc.max_workers))
@@ -424,6 +453,7 @@ class RolloutFleet:
 
     def set_engines(self, engine_handles: Sequence[Any]) -> list[CallResult]:
         """Route new episodes over `engine_handles` (engines added or removed); running episodes finish on theirs."""
+        self._not_colocated("set_engines")
         if self._router is None:
             raise ValueError("set_engines: this fleet runs a scripted policy, not engines")
         with self._lock:
@@ -433,6 +463,11 @@ class RolloutFleet:
                 if w.state == "healthy":  # they get the fan-out below; starting ones get it when ready
                     w.router_version = self._router_version
         return self.foreach_worker("set_router", self._router)
+
+    def _not_colocated(self, verb: str) -> None:
+        if self._colocated:
+            raise ValueError(f"RolloutFleet.{verb}: with rollout.colocate_engine the workers are the run's engines, "
+                             f"a fixed set (engine.num_engines)")
 
     def _make_router(self, engine_handles: Sequence[Any]) -> EngineRouter:
         """A router with the engine config's request deadline: a request to a dead or hung engine is retried on
@@ -466,8 +501,9 @@ class RolloutFleet:
             self._workers.clear()
             self._owner.clear()
             self._queue.clear()
-        for w in workers:
-            ray.kill(w.handle, no_restart=True)
+        if not self._colocated:  # colocated workers are the caller's engines: it stops them
+            for w in workers:
+                ray.kill(w.handle, no_restart=True)
         self._scaler.release()
 
     def __enter__(self) -> RolloutFleet:  # noqa: PYI034 - the fleet is not subclassed
@@ -488,6 +524,8 @@ class RolloutFleet:
     def _control_step(self) -> None:
         """Admit ready workers, then let the scaler resize the fleet (autoscale, then reconcile)."""
         self._admit_ready()
+        if self._colocated:
+            return
         free = ray.available_resources()
         if self.rc.autoscale:
             with self._lock:
@@ -517,6 +555,8 @@ class RolloutFleet:
     def _reconcile(self, free: Mapping[str, float] | None) -> None:
         """Start or retire workers towards the target (`Scaler.reconcile`; `free=None`: assume they fit), and
         stop the draining workers that have nothing left in flight."""
+        if self._colocated:
+            return
         with self._lock:
             self._apply(self._scaler.reconcile(self._state(free)))
             for w in [w for w in self._workers.values() if w.state == "draining" and not w.in_flight]:
@@ -545,10 +585,26 @@ class RolloutFleet:
         self._workers[wid] = WorkerInfo(wid, handle, handle.ready.remote(), router_version=self._router_version)
         self.counters["workers_started"] += 1
 
+    def _admit_colocated(self, handle: Any, *, restarting: bool = False) -> None:
+        """Book a colocated worker (caller holds the lock, or is `__init__`); it takes episodes once `ready()`
+        resolves, which a restarted one does after the engine supervisor reloaded its weights. A `restarting`
+        one is asked after `RESTART_POLL_S` (a call to an actor that is restarting fails at once)."""
+        wid = f"rollout-{self._next_id}"
+        self._next_id += 1
+        if restarting:
+            self._workers[wid] = WorkerInfo(wid, handle, None, ready_after=time.monotonic() + RESTART_POLL_S)
+        else:
+            self._workers[wid] = WorkerInfo(wid, handle, handle.ready.remote())
+        self.counters["workers_started"] += 1
+
     def _admit_ready(self) -> None:
         """Move started workers whose `ready()` resolved into dispatch (or mark them dead)."""
         with self._lock:
-            pending = {w.ready_ref: w for w in self._workers.values() if w.state == "starting"}
+            now = time.monotonic()
+            for w in self._workers.values():  # a restarting colocated worker, asked again
+                if w.state == "starting" and w.ready_ref is None and now >= w.ready_after:
+                    w.ready_ref = w.handle.ready.remote()
+            pending = {w.ready_ref: w for w in self._workers.values() if w.state == "starting" and w.ready_ref}
         if not pending:
             return
         ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
@@ -558,6 +614,12 @@ class RolloutFleet:
                 info = ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - any error from ready() means the worker never started
                 with self._lock:
+                    if self._colocated:
+                        if isinstance(exc, ray.exceptions.ActorDiedError):  # its restarts are spent: go on without
+                            self._mark_dead(w, _describe(exc), restarts=False)
+                        else:  # still restarting: ask again later
+                            w.ready_ref, w.ready_after = None, time.monotonic() + RESTART_POLL_S
+                        continue
                     self._start_failures += 1
                     if self._start_failures >= START_FAILURES_FATAL:
                         self._fatal = (f"RolloutFleet: {self._start_failures} rollout workers in a row died while "
@@ -572,8 +634,10 @@ class RolloutFleet:
                         w.router_version = self._router_version
                     self._start_failures = 0
 
-    def _mark_dead(self, w: WorkerInfo, why: str) -> None:
-        """Forget a dead worker and re-queue what it had in flight (caller holds the lock)."""
+    def _mark_dead(self, w: WorkerInfo, why: str, *, restarts: bool = True) -> None:
+        """Forget a dead worker and re-queue what it had in flight (caller holds the lock). A colocated worker
+        restarts in place (it is an engine): it is booked again, to take episodes once ready, unless `restarts`
+        is False (its `ready()` failed: dead for good)."""
         if self._workers.pop(w.worker_id, None) is None:
             return
         log.warning("rollout worker %s died (%s); re-queueing its unfinished episodes", w.worker_id, why)
@@ -583,4 +647,9 @@ class RolloutFleet:
             for spec in reversed(specs):
                 self._requeue(spec, why, w.worker_id)
         w.in_flight.clear()
-        ray.kill(w.handle, no_restart=True)
+        if not self._colocated:
+            ray.kill(w.handle, no_restart=True)
+        elif restarts:
+            self._admit_colocated(w.handle, restarting=True)
+        else:
+            self._target = len(self._workers)

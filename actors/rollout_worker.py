@@ -12,6 +12,12 @@ per call) and returns only `EpisodeReceipt`s, so trajectories never pass through
 fleet re-runs elsewhere under the same deterministic trajectory ids (and the same per-turn sampling seeds); the
 pair builder drops a record it already holds.
 
+Two kinds of worker serve the same episode methods (`EpisodeServer`): `RolloutWorker` calls engine actors through
+a router, and `ColocatedWorker` (`rollout.colocate_engine`) hosts its own engine (`EngineHost`) and is the run's
+engine as well. Colocation keeps every generation request inside one process: on a small CPU machine a separate
+engine process competes with the worker for the same cores while the two hand each turn back and forth
+(docs/throughput.md).
+
 Metrics (`ray.util.metrics`, exported with a `ray_` prefix; counters get `_total`): episodes, tokens, tool
 calls, refusals, safety checks, harmful actions and episode latency, tagged by category.
 """
@@ -37,11 +43,13 @@ from mosaic_ray.rollout import (
 )
 from mosaic_ray.schema import TrajectoryRecord
 
+from .engines.actor import EngineHost, engine_actor_options, start_engine_actors
 from .engines.base import Completion, GenerationRequest, SamplingParams
-from .engines.router import EngineRouter
+from .engines.router import EngineNotServingError, EngineRouter
 from .pair_builder import acall_pair_builder
 
-__all__ = ["LATENCY_BOUNDARIES_S", "EnginePolicy", "EpisodeMetrics", "RolloutWorker", "deliver"]
+__all__ = ["LATENCY_BOUNDARIES_S", "ColocatedWorker", "EnginePolicy", "EpisodeMetrics", "EpisodeServer", "RolloutWorker",
+           "deliver", "rollout_engine_options", "start_colocated_workers", "start_rollout_engines"]
 
 LATENCY_BOUNDARIES_S = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 
@@ -111,32 +119,16 @@ async def deliver(sink: Any, records: list[TrajectoryRecord]) -> None:
     await acall_pair_builder(sink, "add", records, attempts=SINK_ATTEMPTS)
 
 
-@ray.remote(max_restarts=0)
-class RolloutWorker:
-    """Serves `run_episodes(specs) -> [TrajectoryRecord]`; see the module docstring.
+class EpisodeServer:
+    """The data plane every rollout worker serves (plain Python): episodes through `policy_for`, up to
+    `rollout.episodes_per_worker` at once across calls, their metrics and counters."""
 
-    Exactly one policy source: `router` (an `EngineRouter` over engine actor handles) or `scripted` (a name
-    from `mosaic_ray.policies.scripted.SCRIPTED`, with `scripted_delay_s` of simulated latency per turn).
-    """
-
-    def __init__(self, worker_id: str, cfg: MosaicConfig, model_dir: str, *, router: EngineRouter | None = None,
-                 scripted: str | None = None, scripted_delay_s: float = 0.0):
-        from mosaic_ray.hygiene import set_torch_threads
-
-        set_torch_threads(1)
-        if (router is None) == (scripted is None):
-            raise ValueError("RolloutWorker: pass exactly one of router= (engine actors) or scripted= (a name)")
+    def __init__(self, worker_id: str, cfg: MosaicConfig, tokenizer: Any, policy_for: PolicyFactory):
         self.worker_id = worker_id
         self.cfg = cfg
-        # a model source, resolved on this worker's node (`mosaic_ray.models.source`)
-        self.tokenizer = load_tokenizer(resolve_model(model_dir, cfg.model.cache_dir), cfg.model.chat_template)
+        self.tokenizer = tokenizer
+        self._policy_for = policy_for
         self._gate = asyncio.Semaphore(cfg.rollout.episodes_per_worker)
-        self._policy_for: PolicyFactory
-        if router is not None:
-            self.set_router(router)
-        else:
-            self._policy_for = scripted_factory(scripted, self.tokenizer, family=cfg.model.family,
-                                                delay_s=scripted_delay_s)
         self.metrics = EpisodeMetrics()
         self.running = 0
         self.finished = 0
@@ -167,13 +159,8 @@ class RolloutWorker:
 
     # --------------------------------------------------------------------------------- control plane
 
-    def set_router(self, router: EngineRouter) -> None:
-        """Serve new episodes through `router` (engines added or removed); running episodes keep theirs."""
-        policy = EnginePolicy(router, self.cfg.engine)
-        self._policy_for = lambda spec: policy
-
-    def ready(self) -> dict[str, Any]:
-        """Called once by the fleet after start: where this worker runs."""
+    async def ready(self) -> dict[str, Any]:
+        """Called by the fleet after start: where this worker runs."""
         return {"worker_id": self.worker_id, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def stats(self) -> dict[str, Any]:
@@ -181,3 +168,96 @@ class RolloutWorker:
 
     def ping(self) -> str:
         return "pong"
+
+
+@ray.remote(max_restarts=0)
+class RolloutWorker(EpisodeServer):
+    """Serves `run_episodes(specs) -> [TrajectoryRecord]`; see the module docstring.
+
+    Exactly one policy source: `router` (an `EngineRouter` over engine actor handles) or `scripted` (a name
+    from `mosaic_ray.policies.scripted.SCRIPTED`, with `scripted_delay_s` of simulated latency per turn).
+    """
+
+    def __init__(self, worker_id: str, cfg: MosaicConfig, model_dir: str, *, router: EngineRouter | None = None,
+                 scripted: str | None = None, scripted_delay_s: float = 0.0):
+        from mosaic_ray.hygiene import set_torch_threads
+
+        set_torch_threads(1)
+        if (router is None) == (scripted is None):
+            raise ValueError("RolloutWorker: pass exactly one of router= (engine actors) or scripted= (a name)")
+        # a model source, resolved on this worker's node (`mosaic_ray.models.source`)
+        tokenizer = load_tokenizer(resolve_model(model_dir, cfg.model.cache_dir), cfg.model.chat_template)
+        if router is not None:
+            policy = EnginePolicy(router, cfg.engine)
+            policy_for: PolicyFactory = lambda spec: policy
+        else:
+            policy_for = scripted_factory(scripted, tokenizer, family=cfg.model.family, delay_s=scripted_delay_s)
+        super().__init__(worker_id, cfg, tokenizer, policy_for)
+
+    def set_router(self, router: EngineRouter) -> None:
+        """Serve new episodes through `router` (engines added or removed); running episodes keep theirs."""
+        policy = EnginePolicy(router, self.cfg.engine)
+        self._policy_for = lambda spec: policy
+
+
+@ray.remote
+class ColocatedWorker(EngineHost, EpisodeServer):
+    """A rollout worker that hosts its own engine (`rollout.colocate_engine`): its episodes await the engine in
+    this process, so no generation request crosses Ray, and the driver treats it as an engine actor (weight sync,
+    the engine supervisor's health checks, hung kills and reloads, restarts in place). After a restart it holds the
+    base model: `ready()` answers, and episodes run, only once the supervisor has loaded the current weights."""
+
+    def __init__(self, worker_id: str, cfg: MosaicConfig, model_source: str):
+        EngineHost.__init__(self, cfg.engine, model_source, cfg.model.dtype, cfg.model.cache_dir)
+        tokenizer = load_tokenizer(self.model_path, cfg.model.chat_template)
+        policy = EnginePolicy(EngineRouter([self.engine]), cfg.engine)
+        EpisodeServer.__init__(self, worker_id, cfg, tokenizer, lambda spec: policy)
+
+    async def run_episodes(self, specs: list[EpisodeSpec]) -> list[TrajectoryRecord]:
+        if not self._serving:
+            raise EngineNotServingError(f"{self.worker_id}: restarted, waits for the current weights")
+        return await EpisodeServer.run_episodes(self, specs)
+
+    async def ready(self) -> dict[str, Any]:
+        """Once the engine serves the current policy (at once, unless this worker restarted)."""
+        while not self._serving:
+            await asyncio.sleep(READY_POLL_S)
+        return await EpisodeServer.ready(self)
+
+
+READY_POLL_S = 0.2
+
+
+def colocated_options(cfg: MosaicConfig) -> dict[str, Any]:
+    """Ray options of one colocated worker: an engine actor's (GPUs, the engine node resource, restarts, a high
+    max_concurrency) with the rollout worker's CPUs added."""
+    options = engine_actor_options(cfg.engine)
+    return {**options, "num_cpus": options["num_cpus"] + cfg.rollout.num_cpus_per_worker}
+
+
+def start_colocated_workers(cfg: MosaicConfig, model_source: str, *, num: int | None = None,
+                            placement_group: Any = None) -> list:
+    """Start `num` (default `engine.num_engines`) colocated workers and return once all answer; with
+    `placement_group`, worker i sits in its bundle i."""
+    from .resources import in_bundle
+
+    options = colocated_options(cfg)
+    handles = [ColocatedWorker.options(**options, **(in_bundle(placement_group, i) if placement_group else {}))
+               .remote(f"rollout-{i}", cfg, model_source)
+               for i in range(cfg.engine.num_engines if num is None else num)]
+    ray.get([h.ping.remote() for h in handles])
+    return handles
+
+
+def start_rollout_engines(cfg: MosaicConfig, model_source: str, *, placement_group: Any = None) -> list:
+    """The run's engines as `rollout.colocate_engine` says: colocated workers, or engine actors for rollout
+    workers to call."""
+    if cfg.rollout.colocate_engine:
+        return start_colocated_workers(cfg, model_source, placement_group=placement_group)
+    return start_engine_actors(cfg.engine, model_source, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
+                               placement_group=placement_group)
+
+
+def rollout_engine_options(cfg: MosaicConfig) -> dict[str, Any]:
+    """Ray options of one of the run's engines (`start_rollout_engines`), for its placement group."""
+    return colocated_options(cfg) if cfg.rollout.colocate_engine else engine_actor_options(cfg.engine)

@@ -5,11 +5,13 @@ Two policies:
   tokenizing, parsing, sandbox tools, grading — and the Ray overhead of the fleet's calls (several episodes each).
 - `model` (the tiny model, HF engine, sampling at temperature 1, seeded per turn, up to 3 turns per episode): in
   process, the loop awaits an `HFEngine` directly, once without and once with prefix reuse across turns
-  (`engine.prefix_cache_mb`); through Ray, the workers call one `EngineActor` (prefix reuse on, the default) via
-  an `EngineRouter`. Per-turn seeds derive from the trajectory id, so every side generates the same tokens and
-  does the same work. Both engines run `engine.cpu_threads` torch threads, 1 (the preset's value, set here too):
-  2 would give the actor's engine an OpenMP team that spins against the rollout worker for the second core, while
-  the in-process engine had 1 (an earlier version of this benchmark compared that, 0.58x).
+  (`engine.prefix_cache_mb`). Through Ray, two topologies: `colocated` (the preset's, `rollout.colocate_engine`),
+  where each worker hosts its own engine, and `engine actor`, where the workers call one `EngineActor` via an
+  `EngineRouter` (prefix reuse on, the default, in every fleet). Per-turn seeds derive from the trajectory id, so
+  every side generates the same tokens and does the same work. Every engine runs `engine.cpu_threads` torch
+  threads, 1 (the preset's value, set here too): 2 would give an engine actor an OpenMP team that spins against
+  the rollout worker for the second core, while the in-process engine had 1 (an earlier version of this benchmark
+  compared that, 0.58x).
 
 Every configuration runs the same tasks (tasks × G), `--repeats` times, the configurations taking turns; each
 repeat has new episode ids and, for the model, new engines, so no run reuses another's cached K/V. The table
@@ -19,7 +21,8 @@ a process build its sandbox and templates, and the engine caches the domains' sy
 or engine would otherwise pay inside the timed pass (and a training run pays once, not every iteration). So the
 numbers are steady-state throughput, not start-up. Reports episodes/s, generated tokens/s, prompt tokens the engine prefilled per generated token (from the engine's own
 counters), and ratios measured in the same run, each the median of the repeats' paired ratios (`_paired_ratio`):
-`fleet1w_vs_inprocess` (1 worker vs the plain loop with the same engine settings: < 1 is Ray's overhead),
+`fleet1w_vs_inprocess` (1 worker vs the plain loop with the same engine settings: < 1 is Ray's overhead; for the
+model, colocated workers as the preset runs them, and `model_engine_actor_fleet1w_vs_inprocess` beside it),
 `scaling_2w_vs_1w` (2 workers vs 1) and, for the model, `prefix_reuse_speedup` (the in-process loop with prefix
 reuse vs without). Prints a table and one JSON line.
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -82,16 +86,22 @@ def _fleet_run(name: str, cfg, model_dir: str, tasks, group_size: int, workers: 
 
     from mosaic_ray.schema import from_arrow
 
-    engine = source.get("engine_handles", [None])[0]
-    with RolloutFleet(cfg, model_dir=model_dir, run_id="bench", num_workers=workers, **source) as fleet:
+    engines = source.get("engine_handles", [])
+
+    def counters() -> dict[str, int]:
+        healths = ray.get([e.health.remote() for e in engines])
+        return {k: sum(h[k] for h in healths) for k in COUNTERS}
+
+    sized = {} if cfg.rollout.colocate_engine else {"num_workers": workers}  # colocated: the engines are the workers
+    with RolloutFleet(cfg, model_dir=model_dir, run_id="bench", **sized, **source) as fleet:
         fleet.wait_for_workers(workers)
         list(fleet.stream(tasks, group_size=1, iteration=-1 - iteration))
-        before = ray.get(engine.health.remote()) if engine else None
+        before = counters() if engines else None
         start = time.perf_counter()
         records = [r for b in fleet.stream(tasks, group_size=group_size, iteration=iteration)
                    for r in from_arrow(b)]
         elapsed = time.perf_counter() - start
-        return _summ(name, records, elapsed, _delta(before, ray.get(engine.health.remote())) if engine else None)
+        return _summ(name, records, elapsed, _delta(before, counters()) if engines else None)
 
 
 def _inprocess_run(specs, policy_for, tok, cfg) -> tuple[list, float]:
@@ -121,12 +131,12 @@ def bench_scripted(cfg, model_dir: str, tasks, group_size: int, repeats: int) ->
 
 
 def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> dict[str, list[dict]]:
-    """Every repeat gets fresh engines (an empty prefix cache) and new episode ids."""
+    """Every repeat gets fresh engines (an empty prefix cache) and new episode ids. `cfg` colocates (the preset)."""
     import ray
     from mosaic_ray.actors.engines import EngineRouter
     from mosaic_ray.actors.engines.actor import start_engine_actors
     from mosaic_ray.actors.engines.hf import HFEngine
-    from mosaic_ray.actors.rollout_worker import EnginePolicy
+    from mosaic_ray.actors.rollout_worker import EnginePolicy, start_colocated_workers
 
     from mosaic_ray.rollout import episode_specs, load_tokenizer, run_episodes
 
@@ -149,21 +159,28 @@ def bench_model(cfg, model_dir: str, tasks, group_size: int, repeats: int) -> di
         await engine.close()
         return _summ(name, records, elapsed, counters)
 
-    def fleet(name: str, workers: int, iteration: int) -> dict[str, Any]:
-        engines = start_engine_actors(e, model_dir, num_engines=1)
+    separate = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, colocate_engine=False))
+
+    def fleet(name: str, workers: int, iteration: int, colocated: bool) -> dict[str, Any]:
+        engines = (start_colocated_workers(cfg, model_dir, num=workers) if colocated
+                   else start_engine_actors(e, model_dir, num_engines=1))
         try:
-            return _fleet_run(name, cfg, model_dir, tasks, group_size, workers, iteration, engine_handles=engines)
+            return _fleet_run(name, cfg if colocated else separate, model_dir, tasks, group_size, workers, iteration,
+                              engine_handles=engines)
         finally:
             for h in engines:
                 ray.kill(h)
 
     runs: dict[str, list] = {"model in-process, no prefix reuse": [], "model in-process": [],
-                             "model fleet 1w": [], "model fleet 2w": []}
+                             "model fleet 1w": [], "model fleet 2w": [],
+                             "model engine actor fleet 1w": [], "model engine actor fleet 2w": []}
     for k in range(repeats):
         for name, mb in (("model in-process, no prefix reuse", 0), ("model in-process", e.prefix_cache_mb)):
             runs[name].append(asyncio.run(inprocess(name, mb, k)))
         for n in (1, 2):
-            runs[f"model fleet {n}w"].append(fleet(f"model fleet {n}w", n, k))
+            runs[f"model fleet {n}w"].append(fleet(f"model fleet {n}w", n, k, colocated=True))
+            name = f"model engine actor fleet {n}w"
+            runs[name].append(fleet(name, n, k, colocated=False))
     return runs
 
 
@@ -195,7 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         model_dir = str(cached_tiny_model(TinyModelConfig()))
     cfg = load_config("tiny-cpu", ["rollout.num_cpus_per_worker=0.5", "rollout.episodes_per_worker=32",
-                                   "rollout.autoscale=false", "rollout.max_workers=2", "engine.num_cpus=0.5",
+                                   "rollout.colocate_engine=true", "rollout.autoscale=false", "rollout.max_workers=2",
+                                   "engine.num_cpus=0.5",
                                    "engine.device=cpu", "engine.cpu_threads=1", "engine.max_batch_size=32", "protocol.max_new_tokens=32",
                                    "protocol.max_steps=3"])
     tasks = load_tasks("train", size=max(args.tasks, args.model_tasks))
@@ -205,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                                            "TOKENIZERS_PARALLELISM": "false"}})
-        runs |= bench_scripted(cfg, model_dir, tasks[:args.tasks], args.group_size, args.repeats)
+        scripted = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, colocate_engine=False))
+        runs |= bench_scripted(scripted, model_dir, tasks[:args.tasks], args.group_size, args.repeats)
         if not args.skip_model:
             runs |= bench_model(cfg, model_dir, tasks[:args.model_tasks], args.group_size, args.repeats)
     finally:
@@ -214,9 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = [_median(r) for r in runs.values()]
     ratios = {}
-    for kind in ("scripted", "model"):
-        if f"{kind} fleet 1w" in runs:
-            base, one, two = runs[f"{kind} in-process"], runs[f"{kind} fleet 1w"], runs[f"{kind} fleet 2w"]
+    for kind in ("scripted", "model", "model_engine_actor"):
+        if f"{kind.replace('_', ' ')} fleet 1w" in runs:
+            name = kind.replace("_", " ")
+            base = runs[f"{kind.split('_')[0]} in-process"]
+            one, two = runs[f"{name} fleet 1w"], runs[f"{name} fleet 2w"]
             ratios[f"{kind}_fleet1w_vs_inprocess"] = _paired_ratio(one, base)
             ratios[f"{kind}_fleet2w_vs_inprocess"] = _paired_ratio(two, base)
             ratios[f"{kind}_scaling_2w_vs_1w"] = _paired_ratio(two, one)

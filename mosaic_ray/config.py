@@ -184,6 +184,10 @@ class RolloutConfig:
     """Let the fleet resize itself between min_workers and max_workers (False: only `scale_to` resizes it)."""
     control_interval_s: float = 0.5
     """How often the fleet's control thread admits started workers and makes scaling decisions."""
+    colocate_engine: bool = False
+    """Each rollout worker hosts its own engine (HF engines only) instead of calling engine actors: the fleet is
+    then the `engine.num_engines` engines (fixed size: `autoscale` must be off; `min_workers`/`max_workers` do not
+    apply), each weighing `engine.num_cpus` + `num_cpus_per_worker` CPUs (`actors/rollout_worker.py`)."""
     max_in_flight_per_worker: int = 0
     """Episodes the fleet keeps sent to one worker (0 = episodes_per_worker plus a quarter of it, which waits inside
     the worker for free slots; see `actors/fleet.py`)."""
@@ -614,6 +618,13 @@ BUILTIN_MODELS = ("builtin:tiny-base",)
 
 def _validate_across(cfg: MosaicConfig) -> None:
     """Checks that join two sections."""
+    if cfg.rollout.colocate_engine:
+        if cfg.engine.kind != "hf":
+            raise ConfigError(f"rollout.colocate_engine: only HF engines run inside a rollout worker (engine.kind is "
+                              f"{cfg.engine.kind!r}); set rollout.colocate_engine=false to call engine actors")
+        if cfg.rollout.autoscale:
+            raise ConfigError("rollout.colocate_engine: the fleet is the engine.num_engines colocated workers and "
+                              "does not resize itself; set rollout.autoscale=false (or colocate_engine=false)")
     held = cfg.scenarios.heldout_domains
     if "domains" in cfg.train.eval_splits and not held:
         raise ConfigError("train.eval_splits: 'domains' evaluates scenarios.heldout_domains, which is empty; "

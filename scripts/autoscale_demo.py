@@ -195,7 +195,7 @@ def run_demand(cfg: MosaicConfig, *, num_actors: int, work_s: float, t0: float) 
 
     model_dir = cached_tiny_model(cfg.model.tiny)  # the workers' tokenizer
     fleet_cfg = load_config("tiny-cpu", [
-        f"rollout.num_cpus_per_worker={cfg.rollout.num_cpus_per_worker}", "rollout.min_workers=1",
+        "rollout.colocate_engine=false", "rollout.autoscale=true", f"rollout.num_cpus_per_worker={cfg.rollout.num_cpus_per_worker}", "rollout.min_workers=1",
         f"rollout.max_workers={num_actors}", "rollout.request_autoscaler=true", "rollout.max_in_flight_per_worker=1",
         "rollout.scale_up_queue_per_worker=1", "rollout.idle_scale_down_s=1"])
     tasks = load_tasks("train", size=3 * num_actors, categories=("benign",))

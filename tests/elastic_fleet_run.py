@@ -96,7 +96,7 @@ def main() -> None:
                                            "TOKENIZERS_PARALLELISM": "false"}})
         head_node = ray.get_runtime_context().get_node_id()
         cfg = load_config("tiny-cpu", [
-            "rollout.min_workers=1", "rollout.max_workers=4", "rollout.num_cpus_per_worker=1",
+            "rollout.colocate_engine=false", "rollout.autoscale=true", "rollout.min_workers=1", "rollout.max_workers=4", "rollout.num_cpus_per_worker=1",
             "rollout.episodes_per_worker=4", "rollout.scale_up_queue_per_worker=2",
             "rollout.idle_scale_down_s=600", "rollout.control_interval_s=0.25", "rollout.max_episode_retries=3"])
         fleet = RolloutFleet(cfg, model_dir=args.model_dir, scripted="naive", scripted_delay_s=args.delay_s,

@@ -85,6 +85,6 @@ def test_choices_that_need_hardware_this_machine_lacks_still_load():
     cfg = load_config("qwen2.5-7b")
     assert (cfg.engine.kind, cfg.learner.backend, cfg.learner.num_gpus, cfg.learner.strategy) == \
         ("vllm", "nccl", 1.0, "fsdp2")
-    cfg = load_config("smoke", ["engine.kind=vllm", "engine.num_gpus=2", "engine.tensor_parallel_size=2",
+    cfg = load_config("smoke", ["rollout.colocate_engine=false", "engine.kind=vllm", "engine.num_gpus=2", "engine.tensor_parallel_size=2",
                                 "learner.backend=nccl", "learner.num_gpus=1", "learner.weight_sync=broadcast"])
     assert (cfg.engine.num_gpus, cfg.learner.num_gpus) == (2.0, 1.0)

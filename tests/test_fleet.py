@@ -29,7 +29,8 @@ def scripted_fleet(ray_session, tiny_model_dir):
     """One scripted fleet for the module (starting workers is the slow part): 1–2 workers."""
     from mosaic_ray.actors.fleet import RolloutFleet
 
-    cfg = load_config("tiny-cpu", ["rollout.min_workers=1", "rollout.max_workers=2", "rollout.num_cpus_per_worker=0.5",
+    cfg = load_config("tiny-cpu", ["rollout.colocate_engine=false", "rollout.autoscale=true", "rollout.min_workers=1",
+                                   "rollout.max_workers=2", "rollout.num_cpus_per_worker=0.5",
                                    "rollout.episodes_per_worker=16", "rollout.idle_scale_down_s=600",
                                    "rollout.control_interval_s=0.2"])
     with RolloutFleet(cfg, model_dir=tiny_model_dir, scripted="safe", run_id="t", num_workers=2) as fleet:
@@ -143,8 +144,8 @@ def test_hf_engine_records_are_token_exact(ray_session, tiny_model_dir):
     from mosaic_ray.rollout import load_tokenizer
     from mosaic_ray.scenarios import load_tasks
 
-    cfg = load_config("tiny-cpu", ["rollout.min_workers=1", "rollout.max_workers=1", "rollout.num_cpus_per_worker=0.5",
-                                   "protocol.max_new_tokens=24", "protocol.max_steps=3", "engine.num_cpus=0.5",
+    cfg = load_config("tiny-cpu", ["rollout.colocate_engine=false", "rollout.min_workers=1", "rollout.max_workers=1",
+                                   "rollout.num_cpus_per_worker=0.5", "protocol.max_new_tokens=24", "protocol.max_steps=3", "engine.num_cpus=0.5",
                                    "engine.max_batch_size=8", "engine.device=cpu"])
     engines = start_engine_actors(cfg.engine, tiny_model_dir)
     tasks = load_tasks("train", size=4)

@@ -1,5 +1,9 @@
 """`EngineActor`: one engine in a Ray async actor, and helpers to start engine actors from the config.
 
+The engine and its control plane are the plain class `EngineHost`; `EngineActor` serves it alone, and a colocated
+rollout worker (`mosaic_ray.actors.rollout_worker.ColocatedWorker`, `rollout.colocate_engine`) serves it beside its
+episodes, so weight sync, supervision and restarts treat both alike.
+
 The actor is async with a high `max_concurrency`, so many rollout workers' `generate` calls are inside the
 engine at once and the HF engine can batch them. The driver's weight sync streams buckets, either through the
 object store (`begin_weight_update`, `load_weight_bucket` per bucket ref, `finish_weight_update`) or by broadcast
@@ -26,15 +30,15 @@ from mosaic_ray.config import EngineConfig, MosaicConfig
 from .base import Completion, GenerationRequest, PauseMode
 from .router import EngineNotServingError
 
-__all__ = ["MAX_CONCURRENCY", "EngineActor", "engine_actor_options", "start_engine_actors"]
+__all__ = ["MAX_CONCURRENCY", "EngineActor", "EngineHost", "engine_actor_options", "start_engine_actors"]
 
 MAX_CONCURRENCY = 1024
 """Concurrent calls one engine actor accepts (requests beyond a batch wait inside the engine's queue)."""
 
 
-@ray.remote
-class EngineActor:
-    """Hosts one engine (`make_engine(cfg, model_path)`) behind Ray; see the module docstring."""
+class EngineHost:
+    """One engine (`make_engine(cfg, model_path)`) and its weight-sync and lifecycle methods, for a Ray actor to
+    serve (plain Python: it must run inside an actor, for its restart flag); see the module docstring."""
 
     def __init__(self, cfg: EngineConfig, model_path: str | None, dtype: str = "float32",
                  cache_dir: str | None = None):
@@ -47,6 +51,7 @@ class EngineActor:
         set_torch_threads(1)  # an HF engine then sets its own `cpu_threads`
         if model_path is not None and cfg.kind != "openai":  # an OpenAI server owns its weights
             model_path = resolve_model(model_path, cache_dir)
+        self.model_path = model_path
         self.engine = make_engine(cfg, model_path, dtype=dtype)
         self._weight_group = None
         self._weight_group_key: str | None = None
@@ -161,6 +166,12 @@ class EngineActor:
 
     def ping(self) -> str:
         return "pong"
+
+
+@ray.remote
+class EngineActor(EngineHost):
+    """Serves one `EngineHost` behind Ray: generation requests from rollout workers' routers, and the driver's
+    weight sync and supervision."""
 
 
 def engine_actor_options(cfg: EngineConfig) -> dict[str, Any]:

@@ -168,18 +168,22 @@ def model_runner(path: str) -> Runner:
         """`cfg`: the model's family, engine, dtype and protocol (a trained run's own config under --run-dir)."""
         from dataclasses import replace
 
-        from mosaic_ray.actors.engines.actor import start_engine_actors
+        import ray
+
         from mosaic_ray.actors.fleet import RolloutFleet
+        from mosaic_ray.actors.rollout_worker import start_rollout_engines
 
         cfg = replace(cfg, model=replace(cfg.model, path=path))
         init_ray(cfg)
-        engines = start_engine_actors(cfg.engine, path, dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir)
+        engines = start_rollout_engines(cfg, path)
         fleet = RolloutFleet(cfg, model_dir=path, engine_handles=engines, run_id="eval")
         try:
             by_id = {t.task_id: t for t in tasks}
             records = list(fleet.evaluate(tasks, temperature=0.0))
         finally:
             fleet.shutdown()
+            for engine in engines:
+                ray.kill(engine, no_restart=True)
         return [(by_id[r.task_id], r.outcome) for r in records]
 
     return run

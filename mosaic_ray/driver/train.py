@@ -114,11 +114,11 @@ class Trainer:
     def setup(self) -> None:
         import ray
 
-        from mosaic_ray.actors.engines.actor import engine_actor_options, start_engine_actors
         from mosaic_ray.actors.engines.supervisor import EngineSupervisor
         from mosaic_ray.actors.fleet import RolloutFleet
         from mosaic_ray.actors.pair_builder import remote_pair_builder
         from mosaic_ray.actors.resources import reserve
+        from mosaic_ray.actors.rollout_worker import rollout_engine_options, start_rollout_engines
         from mosaic_ray.driver.metrics import DriverMetrics
         from mosaic_ray.driver.trackers import open_trackers
         from mosaic_ray.driver.weight_sync import make_weight_sync
@@ -136,11 +136,10 @@ class Trainer:
         self.train_tasks, self.eval_sets = scenario_splits(cfg)
         self.learner = LearnerGroup(self.model_source, cfg.learner, cache_dir=cfg.model.cache_dir,
                                     chat_template=cfg.model.chat_template)
-        self.engine_pg = reserve("engine", engine_actor_options(cfg.engine), cfg.engine.num_engines,
+        # engine actors, or colocated rollout workers that host the engines (`rollout.colocate_engine`)
+        self.engine_pg = reserve("engine", rollout_engine_options(cfg), cfg.engine.num_engines,
                                  strategy=cfg.engine.placement_strategy, timeout_s=cfg.engine.placement_timeout_s)
-        self.engines = start_engine_actors(cfg.engine, self.model_source, dtype=cfg.model.dtype,
-                                           cache_dir=cfg.model.cache_dir,
-                                           placement_group=self.engine_pg)
+        self.engines = start_rollout_engines(cfg, self.model_source, placement_group=self.engine_pg)
         self.weight_sync = make_weight_sync(cfg.learner, self.learner)
         # health checks, hung engines killed, restarted ones reloaded; every weight push goes through it
         self.engine_supervisor = EngineSupervisor(self.engines, cfg.engine, self.push_weights)
