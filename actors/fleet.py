@@ -522,17 +522,16 @@ class RolloutFleet:
                 log.exception("rollout fleet control step failed")
 
     def _control_step(self) -> None:
-        """Admit ready workers, then let the scaler resize the fleet (autoscale, then reconcile)."""
+        """Admit ready workers, let the scaler resize the fleet (autoscale, then reconcile), publish its size."""
         self._admit_ready()
-        if self._colocated:
-            return
-        free = ray.available_resources()
-        if self.rc.autoscale:
-            with self._lock:
-                state = self._state(free)
-                self._apply(self._scaler.autoscale(state))
-            self._scaler.request(state)
-        self._reconcile(free)
+        if not self._colocated:  # colocated workers are the caller's fixed set of engines
+            free = ray.available_resources()
+            if self.rc.autoscale:
+                with self._lock:
+                    state = self._state(free)
+                    self._apply(self._scaler.autoscale(state))
+                self._scaler.request(state)
+            self._reconcile(free)
         with self._lock:
             self._scaler.publish(queued=len(self._queue),
                                  healthy=sum(1 for w in self._workers.values() if w.state == "healthy"))

@@ -16,6 +16,12 @@ FSDP = LearnerConfig(**{**CFG.__dict__, "num_learners": 2, "strategy": "fsdp2", 
                         "activation_checkpointing": True})
 
 
+STEP_TOL = 1e-4
+"""Weights after an Adam step (lr 1e-3) on 1 rank vs 2 FSDP2 ranks: the gradients are summed in another order,
+and Adam's first step divides each by its own magnitude, so a near-zero component's rounding shows in the step. A
+tenth of the step size: 1.25e-5 was seen on an AVX2 CPU (under 1e-5 on the CPU of earlier sessions)."""
+
+
 def sft_batch(seed: int) -> list[PolicySample]:
     return [PolicySample(s.input_ids, s.loss_mask, s.old_logprobs, traj_id=s.traj_id) for s in random_batch(6, seed)]
 
@@ -34,16 +40,16 @@ def test_two_fsdp2_ranks_equal_one_learner_and_every_rank_keeps_the_warm_start_a
             lg.sft_update(sft_batch(1), lr=1e-3)
             lg.reset_reference()
         warm = single.get_weights()
-        assert max_diff(warm, double.get_weights()) < 1e-5
+        assert max_diff(warm, double.get_weights()) < STEP_TOL
         for rank, ref in enumerate(double._all(lambda a: a.reference_weights, [(True,)] * 2)):
-            assert max_diff(warm, ref) < 1e-5, f"rank {rank}: the KL reference is not the warm start"
+            assert max_diff(warm, ref) < STEP_TOL, f"rank {rank}: the KL reference is not the warm start"
 
         batch = random_batch(10, seed=10)
         m1, m2 = single.update(batch), double.update(batch)
         assert m2["learner/kl_ref"] == 0.0       # the first update after reset: reference == policy on every rank
         assert m1["learner/loss"] == pytest.approx(m2["learner/loss"], abs=1e-5)
         assert m1["learner/grad_norm"] == pytest.approx(m2["learner/grad_norm"], abs=1e-5)
-        assert max_diff(single.get_weights(), double.get_weights()) < 1e-5
+        assert max_diff(single.get_weights(), double.get_weights()) < STEP_TOL
 
         from ray.util.placement_group import placement_group_table
 

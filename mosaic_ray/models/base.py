@@ -143,6 +143,7 @@ def build_base(out_dir: str | Path, recipe: BaseRecipe = BaseRecipe(), *,
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     manifest = {"recipe": _jsonable(asdict(recipe)), "torch": torch.__version__,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "params": model.num_parameters(), "files": file_hashes(out)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return out
@@ -158,11 +159,22 @@ def build_release(out_dir: str | Path, recipe: BaseRecipe = BaseRecipe(), *,
     out = build_base(out_dir, recipe, on_step=on_step)
     with tempfile.TemporaryDirectory() as tmp:
         small = build_base(Path(tmp) / "reduced", replace(recipe, **REDUCED))
-        reduced = json.loads((small / MANIFEST).read_text())["files"]
+        small_manifest = json.loads((small / MANIFEST).read_text())
     manifest = json.loads((out / MANIFEST).read_text())
-    manifest["reduced_build"] = {"replace": REDUCED, "files": reduced}
+    manifest["reduced_build"] = {"replace": REDUCED, "files": small_manifest["files"],
+                                 "cpu_capability": small_manifest["cpu_capability"]}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return out
+
+
+def reduced_build_files(manifest: dict[str, Any], cpu_capability: str) -> dict[str, str] | None:
+    """The file hashes the reduced build gives on a CPU of `cpu_capability` (torch's kernel level: AVX2,
+    AVX512, ...), or None when none is recorded. The bytes depend on it: float sums of other SIMD kernels differ,
+    so a CPU of another kind rebuilds other bytes with the same command, torch and thread count."""
+    rb = manifest["reduced_build"]
+    if rb.get("cpu_capability") == cpu_capability:
+        return rb["files"]
+    return rb.get("other_cpus", {}).get(cpu_capability)
 
 
 def recipe_of(manifest: dict[str, Any]) -> BaseRecipe:
