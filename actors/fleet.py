@@ -5,21 +5,23 @@ ok, value | error)`, never as an exception; a Ray error (the actor or its node d
 while an application error is the caller's to handle.
 
 Data plane (the caller's thread, inside `deliver` / `stream` / `evaluate`):
-    queue of `EpisodeSpec`s ─dispatch─► worker.run_episodes_into(specs, sink) ─► the pair builder (`sink`)
+    queue of `EpisodeSpec`s ─dispatch─► worker.stream_episodes(specs, sink) ─► the pair builder (`sink`)
                                                             └─ray.wait─► `EpisodeReceipt`s to the caller
 Training (`deliver`) sends every record from its worker straight to the pair builder; the caller sees receipts
 only. `stream` / `evaluate` return the records themselves (benchmarks, evaluation).
 
 Calls carry several episodes: one Ray call per episode cost a lone worker about a third of its scripted-episode
 rate on 2 cores (1.4–1.8 s of worker CPU for 400 episodes that take 0.9–1.1 s in process; 1.1–1.3 s in calls of
-eight). A call returns when its last episode ends, so a worker also holds more episodes than it runs: with
-`max_in_flight_per_worker` 0 the fleet sends calls of an eighth of `episodes_per_worker` (fewer when the queue is
-short, so every worker gets a share) and keeps two calls' worth beyond the concurrent episodes waiting inside the
-worker, so its slots refill while a call's slowest episode finishes. (Calls of a quarter with one call's worth of
-slack left the engine's batches a quarter emptier in model episodes, whose lengths vary more.)
+eight). Each call is a Ray streaming generator that yields its episodes as they end (those ending within
+`YIELD_WINDOW_S` of each other share a yield), so the fleet counts a worker's episodes one by one and refills it as
+soon as a whole call fits again: with `max_in_flight_per_worker` 0, calls of a quarter of `episodes_per_worker`
+(fewer when the queue is short, so every worker gets a share) and up to two calls' worth beyond the concurrent
+episodes waiting inside the worker, so a freed slot never waits for the driver. (When a call returned only with
+its last episode, its finished episodes' slots stayed empty until its slowest one ended: the colocated engine's
+decode batches ran 19 rows full instead of the in-process loop's 23. docs/throughput.md has the measurements.)
 
 Exactly once: trajectory ids are deterministic (run/iteration/task/sample). When a worker dies, the episodes
-it had in flight go back to the front of the queue (same spec, same id, same per-turn seeds) and run on
+it had in flight and not yielded go back to the front of the queue (same spec, same id, same per-turn seeds) and run on
 another worker; a record whose id was already emitted is dropped. An episode whose worker dies more than
 `max_episode_retries` times is emitted as a failed record (terminal `error`), so a poison task cannot stall
 an iteration and its group stays complete.
@@ -107,8 +109,8 @@ class WorkerInfo:
     """The worker's `ready()` call; None while a restarting colocated worker waits to be asked (`ready_after`)."""
     state: WorkerState = "starting"
     node_id: str | None = None
-    in_flight: dict[Any, list[EpisodeSpec]] = field(default_factory=dict)
-    """ObjectRef of a `run_episodes` call → its specs."""
+    in_flight: dict[Any, dict[str, EpisodeSpec]] = field(default_factory=dict)
+    """The `ObjectRefGenerator` of a `stream_episodes` call → its episodes not yielded yet (by trajectory id)."""
     idle_since: float = field(default_factory=time.monotonic)
     ready_after: float = 0.0
     router_version: int = 0
@@ -116,7 +118,7 @@ class WorkerInfo:
 
     @property
     def episodes(self) -> int:
-        """Episodes sent to this worker and not returned yet."""
+        """Episodes sent to this worker and not yielded back yet."""
         return sum(len(specs) for specs in self.in_flight.values())
 
 
@@ -128,6 +130,22 @@ def _is_application_error(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[-1] if text else ''}"[:500]
+
+
+def _take(gen: Any) -> tuple[list[Any], BaseException | None, bool]:
+    """What a worker's stream (`stream_episodes`, ready per `ray.wait`) holds now, without blocking: (its items,
+    flattened; the error it ended with; whether it ended)."""
+    values: list[Any] = []
+    while gen.next_ready():
+        try:
+            ref = next(gen)
+        except StopIteration:   # `next_ready` can say so of the end of the stream
+            return values, None, True
+        try:
+            values += ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - a failure is a value (RLlib's CallResult)
+            return values, exc, True
+    return values, None, gen.is_finished()
 
 
 def _send(sink: Any, records: list[TrajectoryRecord]) -> None:
@@ -169,8 +187,9 @@ class RolloutFleet:
         self._router_version = 0
         self._scripted_delay_s = scripted_delay_s
         rc = cfg.rollout
-        self._chunk = max(1, rc.episodes_per_worker // 8)
-        self._cap = rc.max_in_flight_per_worker or rc.episodes_per_worker + 2 * self._chunk
+        chunk = max(1, rc.episodes_per_worker // 4)
+        self._cap = rc.max_in_flight_per_worker or rc.episodes_per_worker + 2 * chunk
+        self._chunk = min(chunk, self._cap)
         self._scaler = Scaler(rc, cap=rc.max_in_flight_per_worker or rc.episodes_per_worker)
         self._lock = threading.RLock()
         self._workers: dict[str, WorkerInfo] = {}
@@ -291,21 +310,19 @@ class RolloutFleet:
                 self._wanted = set()
 
     def _dispatch(self, sink: Any = None) -> None:
-        """Send queued episodes to healthy workers, least loaded first, up to the in-flight cap each, in calls of
-        up to `_chunk` episodes (fewer when the queue is short, so every worker gets its share)."""
+        """Send queued episodes to healthy workers, least loaded first, in calls of `_chunk` episodes (fewer when
+        the queue is short, so every worker gets its share), while a whole call fits under the in-flight cap."""
         with self._lock:
             workers = sorted((w for w in self._workers.values() if w.state == "healthy"), key=lambda w: w.episodes)
             if not workers or not self._queue:
                 return
             share = -(-len(self._queue) // len(workers))
             for w in workers:
-                while self._queue and (room := self._cap - w.episodes) > 0:
-                    n = min(self._chunk, share, room, len(self._queue))
+                while self._queue and self._cap - w.episodes >= (n := min(self._chunk, share, len(self._queue))):
                     specs = [self._queue.popleft() for _ in range(n)]
-                    ref = (w.handle.run_episodes.remote(specs) if sink is None
-                           else w.handle.run_episodes_into.remote(specs, sink))
-                    w.in_flight[ref] = specs
-                    self._owner[ref] = w.worker_id
+                    gen = w.handle.stream_episodes.remote(specs, sink)
+                    w.in_flight[gen] = {spec.traj_id: spec for spec in specs}
+                    self._owner[gen] = w.worker_id
 
     def _collect(self, timeout: float) -> list[Any]:
         """Wait up to `timeout` for finished episodes (or workers becoming ready); return new records (receipts
@@ -321,33 +338,32 @@ class RolloutFleet:
             return []
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         self._admit_ready()
-        results: list[tuple[list[EpisodeSpec], CallResult]] = []
         with self._lock:
-            taken = []
-            for ref in ready:
-                wid = self._owner.pop(ref, None)
-                worker = self._workers.get(wid) if wid else None
-                if worker is not None:
-                    taken.append((ref, worker, worker.in_flight.pop(ref)))
-                    if not worker.in_flight:
-                        worker.idle_since = time.monotonic()
-        for ref, worker, specs in taken:
-            try:
-                results.append((specs, CallResult(worker.worker_id, True, ray.get(ref))))
-            except Exception as exc:  # noqa: BLE001 - a failure is a value (RLlib's CallResult)
-                results.append((specs, CallResult(worker.worker_id, False, error=_describe(exc))))
-                # a colocated worker that restarted between calls refuses episodes until its weights are back
-                if not _is_application_error(exc) or (self._colocated and isinstance(exc, EngineNotServingError)):
-                    with self._lock:
-                        self._mark_dead(worker, _describe(exc))
+            streams = [(gen, self._workers.get(self._owner[gen])) for gen in ready if gen in self._owner]
         records = []
+        for gen, worker in streams:
+            values, error, ended = _take(gen)
+            with self._lock:
+                pending = worker.in_flight.get(gen, {}) if worker is not None else {}
+                for rec in values:
+                    pending.pop(rec.traj_id, None)
+                    if self._accept(rec):
+                        records.append(rec)
+                if not ended:
+                    continue
+                self._owner.pop(gen, None)
+                if worker is None or worker.in_flight.pop(gen, None) is None:
+                    continue   # the worker was marked dead meanwhile: its episodes are queued again already
+                if not worker.in_flight:
+                    worker.idle_since = time.monotonic()
+                why = _describe(error) if error is not None else "the call ended without them"
+                for spec in reversed(pending.values()):  # back at the front of the queue in their order
+                    self._requeue(spec, why, worker.worker_id)
+                # a colocated worker that restarted between calls refuses episodes until its weights are back
+                if error is not None and (not _is_application_error(error) or
+                                          (self._colocated and isinstance(error, EngineNotServingError))):
+                    self._mark_dead(worker, why)
         with self._lock:
-            for specs, result in sorted(results, key=lambda r: not r[1].ok):  # keep finished work first
-                if result.ok:
-                    records += [rec for rec in result.value if self._accept(rec)]
-                else:
-                    for spec in reversed(specs):  # back at the front of the queue in their order
-                        self._requeue(spec, result.error or "unknown error", result.worker_id)
             records += self._take_failed()
         return records
 
@@ -641,9 +657,9 @@ class RolloutFleet:
             return
         log.warning("rollout worker %s died (%s); re-queueing its unfinished episodes", w.worker_id, why)
         self.counters["worker_deaths"] += 1
-        for ref, specs in w.in_flight.items():
-            self._owner.pop(ref, None)
-            for spec in reversed(specs):
+        for gen, pending in w.in_flight.items():
+            self._owner.pop(gen, None)
+            for spec in reversed(pending.values()):
                 self._requeue(spec, why, w.worker_id)
         w.in_flight.clear()
         if not self._colocated:

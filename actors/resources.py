@@ -162,6 +162,62 @@ def unmet(bundle: dict[str, float], count: int, strategy: PlacementStrategy, liv
                                        f"(cluster resources: {_short(ray_total(live))})")
 
 
+def run_demand(cfg: MosaicConfig) -> list[tuple[str, dict[str, float], int]]:
+    """What one training run holds for its whole life, as (what, bundle, count): the learner ranks, the engines
+    (or colocated rollout workers), the rollout workers the fleet starts with, the pair builder and the LLM
+    judge's fewest replicas. CPUs and GPUs only (custom resources only select a node type)."""
+    def bundle(cpus: float, gpus: float = 0.0) -> dict[str, float]:
+        return {k: v for k, v in (("CPU", float(cpus)), ("GPU", float(gpus))) if v > 0}
+
+    rc, ec, jc = cfg.rollout, cfg.engine, cfg.judge
+    demand = []
+    if cfg.learner.num_learners:
+        demand.append(("learner", bundle(cfg.learner.num_cpus, cfg.learner.num_gpus), cfg.learner.num_learners))
+    if rc.colocate_engine:
+        demand.append(("colocated rollout worker (engine.num_cpus + rollout.num_cpus_per_worker)",
+                       bundle(ec.num_cpus + rc.num_cpus_per_worker, ec.num_gpus), ec.num_engines))
+    else:
+        demand.append(("engine", bundle(ec.num_cpus, ec.num_gpus), ec.num_engines))
+        demand.append(("rollout worker", bundle(rc.num_cpus_per_worker), max(rc.min_workers, 1)))
+    demand.append(("pair builder (judge.num_cpus)", bundle(jc.num_cpus), 1))
+    if jc.kind == "llm" and jc.endpoint is None and jc.min_replicas:
+        demand.append(("judge replica (judge.replica_num_cpus)", bundle(jc.replica_num_cpus, jc.replica_num_gpus),
+                       jc.min_replicas))
+    return [d for d in demand if d[2] > 0]
+
+
+def run_shortfall(demand: list[tuple[str, dict[str, float], int]], live: list[dict[str, float]],
+                  addable: list[dict[str, float]]) -> str | None:
+    """Why the run's actors (`run_demand`) can never all hold their resources at once on these nodes, or None.
+    Only a cluster that cannot grow is judged: Ray would queue the last actors forever, and the run would wait
+    without a word."""
+    if addable:
+        return None
+    total = ray_total(live)
+    need: dict[str, float] = {}
+    for _, b, n in demand:
+        for k, v in b.items():
+            need[k] = need.get(k, 0.0) + v * n
+    short = [k for k, v in need.items() if v > total.get(k, 0.0) + 1e-9]
+    if not short:
+        return None
+    parts = ", ".join(f"{n} {what} × {_short(b)}" for what, b, n in demand)
+    return (f"the run's actors need {', '.join(f'{k} {need[k]:g}' for k in short)} at once and the cluster has "
+            f"{', '.join(f'{k} {total.get(k, 0.0):g}' for k in short)} ({parts}); Ray would queue the last of them "
+            f"forever. Lower their num_cpus / num_gpus or counts, or start Ray with more")
+
+
+def check_run_fits(cfg: MosaicConfig) -> None:
+    """Raise PlacementError when the connected cluster (which the autoscaler cannot grow) can never hold every
+    actor of the run at once (`run_shortfall`)."""
+    if declared_resources():   # a cluster config declares node types the autoscaler starts on demand
+        return
+    live, addable = node_capacities()
+    why = run_shortfall(run_demand(cfg), live, addable)
+    if why is not None:
+        raise PlacementError(why)
+
+
 def ray_total(nodes: list[dict[str, float]]) -> dict[str, float]:
     total: dict[str, float] = {}
     for cap in nodes:

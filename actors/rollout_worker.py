@@ -2,15 +2,15 @@
 
 A thin wrapper around the Ray-free runner `mosaic_ray.rollout.run_episode`: the actor loads the tokenizer
 from the model directory, builds the policy (an `EngineRouter` over engine actors, or a scripted policy by
-name), and serves `run_episodes(specs)` calls. Up to `rollout.episodes_per_worker` episodes run concurrently
+name), and serves `stream_episodes(specs)` calls. Up to `rollout.episodes_per_worker` episodes run concurrently
 (an asyncio semaphore, across calls); while one episode awaits its engine, the others render, parse and run tools.
 
-One call = several episodes (the fleet sizes them; see `actors/fleet.py`), run concurrently and returned together.
-`run_episodes_into(specs, sink)` (training) hands the records straight to the pair builder (`sink`, one `add`
-per call) and returns only `EpisodeReceipt`s, so trajectories never pass through the driver; `run_episodes(specs)`
-(evaluation) returns the records themselves. A worker that dies loses exactly the calls it had in flight, which the
-fleet re-runs elsewhere under the same deterministic trajectory ids (and the same per-turn sampling seeds); the
-pair builder drops a record it already holds.
+One call = several episodes (the fleet sizes them; see `actors/fleet.py`), run concurrently; the call is a Ray
+streaming generator that yields episodes as they end. `stream_episodes(specs, sink)` (training) hands the records
+straight to the pair builder (`sink`, one `add` per yield) and yields only `EpisodeReceipt`s, so trajectories never
+pass through the driver; `stream_episodes(specs)` (evaluation) yields the records themselves. A worker that dies
+loses exactly the episodes it had not yielded, which the fleet re-runs elsewhere under the same deterministic
+trajectory ids (and the same per-turn sampling seeds); the pair builder drops a record it already holds.
 
 Two kinds of worker serve the same episode methods (`EpisodeServer`): `RolloutWorker` calls engine actors through
 a router, and `ColocatedWorker` (`rollout.colocate_engine`) hosts its own engine (`EngineHost`) and is the run's
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -119,6 +120,11 @@ async def deliver(sink: Any, records: list[TrajectoryRecord]) -> None:
     await acall_pair_builder(sink, "add", records, attempts=SINK_ATTEMPTS)
 
 
+YIELD_WINDOW_S = 0.01
+"""How long a stream holds a finished episode for others to share its yield: each yield is a Ray object (and, in
+training, a pair-builder call); the fleet's refill never waits on it, as a worker holds spare episodes."""
+
+
 class EpisodeServer:
     """The data plane every rollout worker serves (plain Python): episodes through `policy_for`, up to
     `rollout.episodes_per_worker` at once across calls, their metrics and counters."""
@@ -147,15 +153,27 @@ class EpisodeServer:
         self.metrics.record(rec)
         return rec
 
-    async def run_episodes(self, specs: list[EpisodeSpec]) -> list[TrajectoryRecord]:
-        """Every spec's episode, concurrently (within `episodes_per_worker` across calls); records in spec order."""
-        return list(await asyncio.gather(*(self.run_episode(spec) for spec in specs)))
-
-    async def run_episodes_into(self, specs: list[EpisodeSpec], sink: Any) -> list[EpisodeReceipt]:
-        """`run_episodes`, then one `sink.add(records)` (the pair builder), retried on its restarted process."""
-        records = await self.run_episodes(specs)
-        await deliver(sink, records)
-        return [EpisodeReceipt.of(rec) for rec in records]
+    async def stream_episodes(self, specs: list[EpisodeSpec], sink: Any = None) -> AsyncIterator[list[Any]]:
+        """Every spec's episode, concurrently (within `episodes_per_worker` across calls), yielded as they end:
+        the records of the episodes that ended since the last yield, or with `sink` (the pair builder) their
+        receipts, once one `sink.add(records)` holds them. A Ray streaming generator: the fleet frees an
+        episode's slot as soon as it ends, not when the call's slowest episode does."""
+        pending = {asyncio.ensure_future(self.run_episode(spec)) for spec in specs}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if pending:   # the episodes that end within the window ride along (one object, one `add`)
+                    more, pending = await asyncio.wait(pending, timeout=YIELD_WINDOW_S)
+                    done |= more
+                records = [task.result() for task in done]
+                if sink is None:
+                    yield records
+                else:
+                    await deliver(sink, records)
+                    yield [EpisodeReceipt.of(rec) for rec in records]
+        finally:   # an error, or the caller dropped the stream: nothing runs on for nobody
+            for task in pending:
+                task.cancel()
 
     # --------------------------------------------------------------------------------- control plane
 
@@ -172,7 +190,7 @@ class EpisodeServer:
 
 @ray.remote(max_restarts=0)
 class RolloutWorker(EpisodeServer):
-    """Serves `run_episodes(specs) -> [TrajectoryRecord]`; see the module docstring.
+    """Serves `stream_episodes(specs[, sink])`, yielding episodes as they end; see the module docstring.
 
     Exactly one policy source: `router` (an `EngineRouter` over engine actor handles) or `scripted` (a name
     from `mosaic_ray.policies.scripted.SCRIPTED`, with `scripted_delay_s` of simulated latency per turn).
@@ -213,10 +231,11 @@ class ColocatedWorker(EngineHost, EpisodeServer):
         policy = EnginePolicy(EngineRouter([self.engine]), cfg.engine)
         EpisodeServer.__init__(self, worker_id, cfg, tokenizer, lambda spec: policy)
 
-    async def run_episodes(self, specs: list[EpisodeSpec]) -> list[TrajectoryRecord]:
+    async def stream_episodes(self, specs: list[EpisodeSpec], sink: Any = None) -> AsyncIterator[list[Any]]:
         if not self._serving:
             raise EngineNotServingError(f"{self.worker_id}: restarted, waits for the current weights")
-        return await EpisodeServer.run_episodes(self, specs)
+        async for batch in EpisodeServer.stream_episodes(self, specs, sink):
+            yield batch
 
     async def ready(self) -> dict[str, Any]:
         """Once the engine serves the current policy (at once, unless this worker restarted)."""

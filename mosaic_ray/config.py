@@ -189,8 +189,9 @@ class RolloutConfig:
     then the `engine.num_engines` engines (fixed size: `autoscale` must be off; `min_workers`/`max_workers` do not
     apply), each weighing `engine.num_cpus` + `num_cpus_per_worker` CPUs (`actors/rollout_worker.py`)."""
     max_in_flight_per_worker: int = 0
-    """Episodes the fleet keeps sent to one worker (0 = episodes_per_worker plus a quarter of it, which waits inside
-    the worker for free slots; see `actors/fleet.py`)."""
+    """Episodes the fleet keeps sent to one worker (0 = episodes_per_worker plus half of it, which waits inside the
+    worker for free slots; see `actors/fleet.py`). Below a quarter of episodes_per_worker it also caps the episodes
+    per call."""
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,8 @@ class TrainConfig:
     iterations: int = 25
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 1
-    """Async: how many policy versions generation may run ahead of the learner."""
+    """Async: how many iterations of rollouts may run ahead of the learner, i.e. how many versions older than the
+    learner's the weights an episode starts on may be (0 = no overlap; rollouts never cross an evaluation)."""
     eval_size: int = 240
     """Tasks evaluated per split before and after training (0 = all of them)."""
     eval_splits: tuple[Literal["templates", "domains", "phrasing"], ...] = ("templates", "phrasing")

@@ -65,3 +65,39 @@ def test_a_placement_the_cluster_could_hold_but_does_not_fails_after_its_timeout
     assert table["state"] == "CREATED" and table["strategy"] == "PACK"
     assert list(table["bundles"].values()) == [{"CPU": 0.5}, {"CPU": 0.5}]
     remove_placement_group(pg)
+
+
+def test_a_run_that_a_fixed_cluster_can_never_hold_is_named_before_any_actor_starts():
+    from mosaic_ray.actors.resources import run_demand, run_shortfall
+
+    from mosaic_ray.config import load_config
+
+    laptop = [{"CPU": 2.0, "memory": 8e9}]
+    assert run_shortfall(run_demand(load_config("tiny-cpu")), laptop, []) is None
+    assert run_shortfall(run_demand(load_config("tiny-cpu", ["judge.kind=llm"])), laptop, []) is None
+    # the case that once waited without a word: colocated workers of 0.75 CPU leave no room for the LLM judge
+    cfg = load_config("tiny-cpu", ["judge.kind=llm", "engine.num_cpus=0.5", "rollout.num_cpus_per_worker=0.25"])
+    demand = {what: (b, n) for what, b, n in run_demand(cfg)}
+    assert demand["colocated rollout worker (engine.num_cpus + rollout.num_cpus_per_worker)"] == ({"CPU": 0.75}, 2)
+    assert demand["judge replica (judge.replica_num_cpus)"] == ({"CPU": 0.5}, 1)
+    why = run_shortfall(run_demand(cfg), laptop, [])
+    assert why is not None and why.startswith("the run's actors need CPU 2.75 at once and the cluster has CPU 2 (")
+    assert "1 judge replica (judge.replica_num_cpus) × CPU: 0.5" in why
+    assert run_shortfall(run_demand(cfg), laptop, [{"CPU": 8.0}]) is None    # the autoscaler can add a node
+    gpu = load_config("tiny-cpu", ["learner.num_learners=2", "learner.num_gpus=1", "learner.backend=nccl"])
+    assert "need GPU 2 at once and the cluster has GPU 0" in run_shortfall(run_demand(gpu), laptop, [])
+
+
+@pytest.mark.ray
+def test_the_trainer_refuses_a_run_the_local_cluster_can_never_hold(ray_session, tmp_path):
+    import ray
+
+    from mosaic_ray.config import load_config
+    from mosaic_ray.driver.train import Trainer
+
+    cpus = ray.cluster_resources()["CPU"]
+    cfg = load_config("tiny-cpu", [f"judge.num_cpus={cpus}"])   # the pair builder alone takes every CPU
+    trainer = Trainer(cfg, str(tmp_path / "run"), progress=False)
+    with pytest.raises(PlacementError, match=rf"need CPU [0-9.]+ at once and the cluster has CPU {cpus:g} \("):
+        trainer.setup()
+    assert ray.available_resources().get("CPU") == cpus   # nothing was started

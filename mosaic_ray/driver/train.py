@@ -117,7 +117,7 @@ class Trainer:
         from mosaic_ray.actors.engines.supervisor import EngineSupervisor
         from mosaic_ray.actors.fleet import RolloutFleet
         from mosaic_ray.actors.pair_builder import remote_pair_builder
-        from mosaic_ray.actors.resources import reserve
+        from mosaic_ray.actors.resources import check_run_fits, reserve
         from mosaic_ray.actors.rollout_worker import rollout_engine_options, start_rollout_engines
         from mosaic_ray.driver.metrics import DriverMetrics
         from mosaic_ray.driver.trackers import open_trackers
@@ -127,6 +127,7 @@ class Trainer:
         from mosaic_ray.rollout import load_tokenizer
 
         cfg = self.cfg
+        check_run_fits(cfg)   # before any actor: a cluster too small for the run fails now, naming the shortfall
         self.trackers = open_trackers(cfg, self.storage, self.state.run_id, resume=self.resume,
                                       history=[r for r in self.state.rows if r["iteration"] >= 0])
         # every actor resolves the source itself, on its own node; the driver only for its tokenizer
@@ -283,12 +284,17 @@ class Trainer:
         cfg = self.cfg
         done = set(self.pairs_call("committed_groups", m=m))
         todo = [t for t in tasks if group_id(self.state.run_id, iteration, t.task_id) not in done]
-        n = 0
+        n, versions = 0, []
+        version = self.state.policy_version   # the learner thread may sync meanwhile (async mode)
         with timed(m, "rollout"), self.bar(f"iteration {iteration}: rollouts", len(todo) * cfg.rollout.group_size) as advance:
             for receipts in self.fleet.deliver(todo, sink=self.pairs, group_size=cfg.rollout.group_size,
-                                               iteration=iteration, policy_version=self.state.policy_version):
+                                               iteration=iteration, policy_version=version):
                 n += len(receipts)
+                versions += [r.policy_version for r in receipts if not r.failed]
                 advance(f"{n} episodes", len(receipts))
+        # the versions that generated the episodes, as the engines stamped them (one iteration's may span a sync)
+        m["rollout/policy_version"] = float(min(versions, default=version))
+        m["rollout/policy_version_max"] = float(max(versions, default=version))
         m["rollout/episodes"] = float(n)
         m["rollout/reused_groups"] = float(len(tasks) - len(todo))
         m["rollout/episodes_per_s"] = n / max(m["time/rollout_s"], 1e-9)
@@ -427,7 +433,7 @@ class Trainer:
 
     def collect(self, iteration: int) -> tuple[dict[str, float], list[str]]:
         """Rollout + judge of one iteration: the data plane half, which async mode overlaps with updates."""
-        m: dict[str, float] = {"iteration": float(iteration), "rollout/policy_version": float(self.state.policy_version)}
+        m: dict[str, float] = {"iteration": float(iteration)}
         cfg = self.cfg
         tasks = iteration_tasks(self.train_tasks, iteration, cfg.rollout.tasks_per_iteration, cfg.train.seed,
                                 cfg.scenarios.category_weights)
@@ -602,38 +608,49 @@ class SyncSchedule:
 
 
 class AsyncSchedule:
-    """Rollouts of iteration k+1 run while the learner trains on k.
+    """Rollouts of iterations k+1 … k+max_staleness run (one after another) while the learner trains on k.
 
-    Staleness is bounded by admission, never by dropping samples: the rollouts of iteration j start only once the
-    policy version is at least j - start - max_staleness versions past the first. Every trajectory carries the
-    version that generated it (engines may be updated while an episode is in flight).
+    Staleness is bounded by admission, never by dropping samples: the rollouts of iteration j are admitted only once
+    the policy version is at least j - start - max_staleness versions past the first (or when the learner waits for
+    them), so no episode starts on weights older than that; they may run on newer ones. Every trajectory carries the
+    version that generated it (engines may be updated while an episode is in flight). No rollouts run across an
+    evaluation, which uses the fleet.
     """
 
     def __init__(self, trainer: Trainer) -> None:
         self.t = trainer
 
     def run(self, start: int, end: int) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         if start >= end:
             return
-        base = self.t.state.policy_version - start  # version == base + iteration, after that iteration's sync
+        t, bound = self.t, self.t.cfg.train.max_staleness
+        base = t.state.policy_version - start  # version == base + iteration, after that iteration's sync
+        pending: dict[int, Future] = {}
+        nxt = start
+
+        def admit(it: int) -> None:
+            """Queue the rollouts of every iteration the bound admits now, from `it` on (the learner's next)."""
+            nonlocal nxt
+            while nxt < end and (nxt == it or (t.state.policy_version >= base + nxt - bound
+                                               and not any(t.eval_due(e) for e in range(it, nxt)))):
+                pending[nxt] = pool.submit(t.collect, nxt)
+                nxt += 1
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") as pool:
-            pending = pool.submit(self.t.collect, start)
-            for it in range(start, end):
-                t0 = time.perf_counter()
-                m, groups = pending.result()
-                nxt, due = it + 1, self.t.eval_due(it)  # an evaluation uses the fleet: no rollouts meanwhile
-                admitted = (not due and nxt < end
-                            and self.t.state.policy_version >= base + nxt - self.t.cfg.train.max_staleness)
-                if admitted:
-                    pending = pool.submit(self.t.collect, nxt)
-                self.t.learn(m, groups)
-                if due:
-                    self.t.evaluate_between(it, m)
-                if nxt < end and not admitted:
-                    pending = pool.submit(self.t.collect, nxt)
-                self.t.finish_iteration(it, m, t0)
+            try:
+                for it in range(start, end):
+                    t0 = time.perf_counter()
+                    admit(it)
+                    m, groups = pending.pop(it).result()
+                    t.learn(m, groups)
+                    if t.eval_due(it):   # nothing of a later iteration was admitted across it
+                        t.evaluate_between(it, m)
+                    t.finish_iteration(it, m, t0)
+            finally:   # interrupted: the rollouts already running finish (and commit), the queued ones never start
+                for future in pending.values():
+                    future.cancel()
 
 
 # -------------------------------------------------------------------------------------------------- helpers
