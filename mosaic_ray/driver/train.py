@@ -629,16 +629,16 @@ class AsyncSchedule:
         base = t.state.policy_version - start  # version == base + iteration, after that iteration's sync
         pending: dict[int, Future] = {}
         nxt = start
-
-        def admit(it: int) -> None:
-            """Queue the rollouts of every iteration the bound admits now, from `it` on (the learner's next)."""
-            nonlocal nxt
-            while nxt < end and (nxt == it or (t.state.policy_version >= base + nxt - bound
-                                               and not any(t.eval_due(e) for e in range(it, nxt)))):
-                pending[nxt] = pool.submit(t.collect, nxt)
-                nxt += 1
-
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollouts") as pool:
+
+            def admit(it: int) -> None:
+                """Queue the rollouts of every iteration the bound admits now, from `it` on (the learner's next)."""
+                nonlocal nxt
+                while nxt < end and (nxt == it or (t.state.policy_version >= base + nxt - bound
+                                                   and not any(t.eval_due(e) for e in range(it, nxt)))):
+                    pending[nxt] = pool.submit(t.collect, nxt)
+                    nxt += 1
+
             try:
                 for it in range(start, end):
                     t0 = time.perf_counter()
