@@ -2,10 +2,10 @@
 worker, an engine, the pair builder and a learner, and hangs an engine past its request deadline; then a checker
 reads the run directory and proves nothing was lost or duplicated.
 
-    python -m mosaic_ray.benchmarks.chaos --out chaos.json [--seed 0] [--iterations 6] [--port-base 33000]
+    python -m mosaic_ray.benchmarks.chaos --out chaos.json [--seed 0] [--iterations 6] [--port-base 24000]
 
 The cluster: two `ray start` nodes on this machine (a head and a worker node, 4 logical CPUs each), ports from
-`--port-base` (+0…+199), a private temp dir, `RAY_AUTH_MODE=disabled`; stopped at the end by the PIDs of the
+`--port-base` (+0…+199; by default a free block below the host's ephemeral ports), a private temp dir, `RAY_AUTH_MODE=disabled`; stopped at the end by the PIDs of the
 processes it started (never `ray stop`). The faults are real: SIGKILL of the actor's process (rollout worker,
 engine, pair builder, learner rank) and SIGSTOP of an engine for `--hang-s` (longer than its request deadline;
 SIGCONT after, if the supervisor has not killed it by then). Each fault goes to its own iteration when there are
@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mosaic_ray.hygiene import free_ports
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -67,14 +69,16 @@ SETTLE_S = 90.0
 class LocalCluster:
     """Two `ray start` nodes on this machine with fixed ports and a private temp dir; stopped by PID."""
 
-    def __init__(self, port_base: int, num_cpus: int = 4, node_env: tuple[dict[str, str], ...] = ({}, {})):
-        """`node_env`: extra environment of the head's and the worker's processes (e.g. each node its own model
-        cache, as two machines would have)."""
-        self.port_base = port_base
+    def __init__(self, port_base: int | None = None, num_cpus: int = 4,
+                 node_env: tuple[dict[str, str], ...] = ({}, {})):
+        """`port_base`: the first of the 200 ports the two nodes use (default: 200 free ones from
+        `hygiene.quiet_ports()`). `node_env`: extra environment of the head's and the worker's processes (e.g. each
+        node its own model cache, as two machines would have)."""
+        self.port_base = free_ports(200) if port_base is None else port_base
         self.num_cpus = num_cpus
         self.node_env = node_env
-        self.temp_dir = tempfile.mkdtemp(prefix=f"mrc{port_base}-", dir="/tmp")  # short: Ray's socket paths
-        self.address = f"127.0.0.1:{port_base}"
+        self.temp_dir = tempfile.mkdtemp(prefix=f"mrc{self.port_base}-", dir="/tmp")  # short: Ray's socket paths
+        self.address = f"127.0.0.1:{self.port_base}"
 
     def _node_ports(self, base: int) -> list[str]:
         return ["--node-ip-address=127.0.0.1", f"--node-manager-port={base + 1}", f"--object-manager-port={base + 2}",
@@ -506,7 +510,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--iterations", type=int, default=6,
                     help="training iterations (6: one fault kind in each of the first five, the last clean)")
     ap.add_argument("--hang-s", type=float, default=40.0, help="how long the hung engine stays stopped")
-    ap.add_argument("--port-base", type=int, default=33000, help="first of the 200 ports the two nodes use")
+    ap.add_argument("--port-base", type=int, default=None,
+                    help="first of the 200 ports the two nodes use (default: 200 free ones below the ephemeral range)")
     ap.add_argument("--run-dir", help="keep the run here (default: a temp dir, deleted)")
     ap.add_argument("--keep", action="store_true", help="keep the temp run dir")
     ap.add_argument("--set", action="append", default=[], help="extra config override, key=value")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mosaic_ray.hygiene import free_port, stop_marked_processes
+from mosaic_ray.hygiene import free_port, free_ports, stop_marked_processes
 
 __all__ = ["RayHead"]
 
@@ -67,10 +67,7 @@ class RayHead:
         if self.port_base is not None:
             ports = [*(self.port_base + i for i in range(3, 9)), self.port_base + 20]
         else:
-            ports = [free_port() for _ in range(7)]
-            taken = {self.port, self.dashboard_port, self.metrics_port, *ports[:6]}
-            while taken & set(range(ports[6], ports[6] + 61)):  # the worker range must not hold another port
-                ports[6] = free_port()
+            ports = [*(free_port() for _ in range(6)), free_ports(61)]  # free_ports: distinct from the others
         cmd = [
             str(Path(sys.executable).parent / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
             f"--port={self.port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",

@@ -8,6 +8,7 @@ variable (a test's or benchmark's private Ray head, `mosaic_ray.benchmarks.clust
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import sys
@@ -41,11 +42,63 @@ def _torch_importable() -> bool:
         return False
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free right now on `host` (the OS picks it)."""
+RAY_DEFAULT_WORKER_PORTS = range(10002, 20000)
+"""Where a Ray node started without `--min/max-worker-port` binds its workers."""
+
+_handed_out: set[int] = set()
+
+
+def ephemeral_ports() -> range:
+    """The ports this host hands out to outgoing connections and `bind(port 0)` (Linux: 32768–60999 by default)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return range(32768, 61000)
+    return range(low, high + 1)
+
+
+def quiet_ports() -> range:
+    """Ports that nothing takes unasked: above Ray's default worker ports, below the ephemeral range. A port picked
+    here stays free until its user binds it; one the OS picks (port 0) can be taken meanwhile by any process's
+    outgoing connection: a private Ray cluster opens hundreds while it starts, and a CI run lost a Serve proxy
+    (port 37701) and a raylet (34801) to them."""
+    return range(RAY_DEFAULT_WORKER_PORTS.stop, max(ephemeral_ports().start, RAY_DEFAULT_WORKER_PORTS.stop))
+
+
+def free_port(host: str = "127.0.0.1", ports: range | None = None) -> int:
+    """A port free right now on `host`, from `ports` (default: `quiet_ports()`, from a random start so that
+    processes choosing at once rarely collide) and never one this process handed out before. Falls back to a
+    port the OS picks where the host leaves no quiet range."""
+    if ports is None and len(quiet_ports()) < 1000:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    return free_ports(1, host, ports)
+
+
+def free_ports(n: int, host: str = "127.0.0.1", ports: range | None = None) -> int:
+    """The first of `n` consecutive ports, all free right now on `host` and never handed out by this process
+    before, from `ports` (default: `quiet_ports()`, from a random start)."""
+    if ports is None:
+        quiet = quiet_ports()
+        k = random.randrange(max(len(quiet) - n + 1, 1))
+        starts = [*quiet[k:len(quiet) - n + 1], *quiet[:k]]
+    else:
+        starts = list(ports[:max(len(ports) - n + 1, 0)])
+    for base in starts:
+        if all(p not in _handed_out and _bindable(host, p) for p in range(base, base + n)):
+            _handed_out.update(range(base, base + n))
+            return base
+    raise RuntimeError(f"no {n} free consecutive ports on {host} in {ports or quiet_ports()}")
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def marked_pids(marker: str) -> list[int]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from mosaic_ray.hygiene import free_ports
+
 # a small run: the random-init tiny model, three iterations of four tasks (the faults fill the first two)
 SMALL = ["model.path=null", "warmstart.steps=6", "warmstart.num_demos=60", "warmstart.first_turn_steps=2", "train.eval_size=4",
          "rollout.tasks_per_iteration=4", "protocol.max_steps=3", "protocol.max_new_tokens=32",
@@ -21,7 +23,7 @@ SMALL = ["model.path=null", "warmstart.steps=6", "warmstart.num_demos=60", "warm
 
 
 def _chaos_run(tmp_path) -> tuple[dict, subprocess.CompletedProcess]:
-    out, port_base = tmp_path / "chaos.json", 33500
+    out, port_base = tmp_path / "chaos.json", free_ports(200)
     cmd = [sys.executable, "-m", "mosaic_ray.benchmarks.chaos", "--out", str(out), "--iterations", "3",
            "--seed", "1", "--hang-s", "30", "--port-base", str(port_base),
            *[a for s in SMALL for a in ("--set", s)]]

@@ -35,7 +35,7 @@ def test_an_s3_model_loads_on_both_nodes_from_their_own_caches(s3_server, tmp_pa
     caches = {n: tmp_path / f"cache-{n}" for n in ("head", "worker", "driver")}
     node_env = tuple({**s3_server.env, "MOSAIC_RAY_CACHE": str(caches[n])} for n in ("head", "worker"))
     before = set(glob.glob("/tmp/mosaic-model-*"))
-    cluster = LocalCluster(34700, num_cpus=2, node_env=node_env).start()
+    cluster = LocalCluster(num_cpus=2, node_env=node_env).start()
     try:
         env = {**os.environ, **s3_server.env, "MOSAIC_RAY_CACHE": str(caches["driver"]), "RAY_ADDRESS": cluster.address,
                "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +21,13 @@ import pytest
 import yaml
 from mosaic_ray.benchmarks.cluster import RayHead
 
+from mosaic_ray.hygiene import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "clusters" / "monitoring"
 DASHBOARD = MONITORING / "mosaic-ray-dashboard.json"
 PROMETHEUS_YML = MONITORING / "prometheus.yml"
 KUBERAY = ROOT / "clusters" / "kuberay"
-PORTS = range(31000, 32000)
-"""This test's port range (Ray head, dashboard, metrics export, Prometheus)."""
 
 # What the issue asks the dashboard to show, as the metric each topic needs.
 TOPICS = {
@@ -50,17 +49,6 @@ def dashboard() -> dict:
 def targets(dash: dict) -> list[tuple[str, str]]:
     """(panel title, PromQL) of every query target."""
     return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
-
-
-def free_port(ports: range = PORTS) -> int:
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {ports}")
 
 
 # -------------------------------------------------------------------------------------------- static
@@ -180,8 +168,7 @@ def test_prometheus_scrapes_a_smoke_run_and_every_dashboard_query_has_data(tmp_p
         assert check.returncode == 0, check.stdout + check.stderr
 
     temp = f"/tmp/mr-mon-{os.getpid()}"  # Ray's socket paths must stay short
-    head = RayHead(temp_dir=temp, port=free_port(range(31000, 31300)), dashboard_port=free_port(range(31300, 31600)),
-                   metrics_port=free_port(range(31600, 31900)), num_cpus=2,
+    head = RayHead(temp_dir=temp, num_cpus=2,  # every port a free one from hygiene.quiet_ports()
                    env={"RAY_metrics_report_interval_ms": "1000"})  # metrics reach the endpoint within a second
     # the shipped scrape config, pointed at this cluster's temp dir and scraping every second
     cfg = yaml.safe_load(PROMETHEUS_YML.read_text())
@@ -193,7 +180,7 @@ def test_prometheus_scrapes_a_smoke_run_and_every_dashboard_query_has_data(tmp_p
     head.start()
     prom = None
     try:
-        prom = Prometheus(binary, tmp_path / "prometheus.yml", tmp_path / "tsdb", free_port(range(31900, 32000)))
+        prom = Prometheus(binary, tmp_path / "prometheus.yml", tmp_path / "tsdb", free_port())
         t0 = time.time()
         run = tmp_path / "run"
         sets = ["warmstart.steps=2", "warmstart.num_demos=20", "warmstart.first_turn_steps=0", "train.eval_size=4",
