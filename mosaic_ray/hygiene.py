@@ -46,6 +46,8 @@ RAY_DEFAULT_WORKER_PORTS = range(10002, 20000)
 """Where a Ray node started without `--min/max-worker-port` binds its workers."""
 
 _handed_out: set[int] = set()
+_rng = random.SystemRandom()
+"""Not the `random` module's: runs seed that one, and two processes seeded alike would pick the same ports."""
 
 
 def ephemeral_ports() -> range:
@@ -65,31 +67,48 @@ def quiet_ports() -> range:
     return range(RAY_DEFAULT_WORKER_PORTS.stop, max(ephemeral_ports().start, RAY_DEFAULT_WORKER_PORTS.stop))
 
 
+def _halves() -> tuple[range, range]:
+    """The quiet ports for single ports and for blocks. Apart because a block may hold a Ray node's worker ports,
+    which its workers bind one by one as they start: a single port that another process picked inside such a
+    block while it was still unbound could be taken from under it (a CI run lost a learner's weight-sync port
+    that way)."""
+    quiet = quiet_ports()
+    mid = quiet.start + len(quiet) // 2
+    return range(quiet.start, mid), range(mid, quiet.stop)
+
+
 def free_port(host: str = "127.0.0.1", ports: range | None = None) -> int:
-    """A port free right now on `host`, from `ports` (default: `quiet_ports()`, from a random start so that
-    processes choosing at once rarely collide) and never one this process handed out before. Falls back to a
-    port the OS picks where the host leaves no quiet range."""
-    if ports is None and len(quiet_ports()) < 1000:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return s.getsockname()[1]
+    """A port free right now on `host`, from `ports` (default: the lower half of `quiet_ports()`, from a random
+    start so that processes choosing at once rarely collide) and never one this process handed out before.
+    Falls back to a port the OS picks where the host leaves no quiet range."""
+    if ports is None:
+        if len(quiet_ports()) < 2000:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                return s.getsockname()[1]
+        ports = _shuffled_start(_halves()[0], 1)
     return free_ports(1, host, ports)
 
 
-def free_ports(n: int, host: str = "127.0.0.1", ports: range | None = None) -> int:
+def free_ports(n: int, host: str = "127.0.0.1", ports: range | list[int] | None = None) -> int:
     """The first of `n` consecutive ports, all free right now on `host` and never handed out by this process
-    before, from `ports` (default: `quiet_ports()`, from a random start)."""
-    if ports is None:
-        quiet = quiet_ports()
-        k = random.randrange(max(len(quiet) - n + 1, 1))
-        starts = [*quiet[k:len(quiet) - n + 1], *quiet[:k]]
-    else:
-        starts = list(ports[:max(len(ports) - n + 1, 0)])
+    before, tried from each start in `ports` (default: the upper half of `quiet_ports()`, from a random start)."""
+    quiet_blocks = _halves()[1]
+    starts = _shuffled_start(quiet_blocks, n) if ports is None else list(ports)[:max(len(ports) - n + 1, 0)]
     for base in starts:
         if all(p not in _handed_out and _bindable(host, p) for p in range(base, base + n)):
             _handed_out.update(range(base, base + n))
             return base
-    raise RuntimeError(f"no {n} free consecutive ports on {host} in {ports or quiet_ports()}")
+    raise RuntimeError(f"no {n} free consecutive ports on {host} in {ports if ports is not None else quiet_blocks}")
+
+
+def _shuffled_start(ports: range, n: int) -> list[int]:
+    """The starts of `n`-port blocks inside `ports`, beginning at a random one and wrapping around."""
+    starts = ports[:max(len(ports) - n + 1, 0)]
+    if not starts:
+        return []
+    k = _rng.randrange(len(starts))
+    return [*starts[k:], *starts[:k]]
 
 
 def _bindable(host: str, port: int) -> bool:
