@@ -99,7 +99,8 @@ def free_ports(n: int, host: str = "127.0.0.1", ports: range | list[int] | None 
         if all(p not in _handed_out and _bindable(host, p) for p in range(base, base + n)):
             _handed_out.update(range(base, base + n))
             return base
-    raise RuntimeError(f"no {n} free consecutive ports on {host} in {ports if ports is not None else quiet_blocks}")
+    where = f"{min(starts)}..{max(starts) + n - 1}" if starts else f"{ports or quiet_blocks} (too few ports)"
+    raise RuntimeError(f"no {n} free consecutive port(s) on {host} in {where}")
 
 
 def _shuffled_start(ports: range, n: int) -> list[int]:
