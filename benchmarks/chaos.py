@@ -5,13 +5,14 @@ reads the run directory and proves nothing was lost or duplicated.
     python -m mosaic_ray.benchmarks.chaos --out chaos.json [--seed 0] [--iterations 6] [--port-base 24000]
 
 The cluster: two `ray start` nodes on this machine (a head and a worker node, 4 logical CPUs each), ports from
-`--port-base` (+0…+199; by default a free block below the host's ephemeral ports), a private temp dir, `RAY_AUTH_MODE=disabled`; stopped at the end by the PIDs of the
-processes it started (never `ray stop`). The faults are real: SIGKILL of the actor's process (rollout worker,
-engine, pair builder, learner rank) and SIGSTOP of an engine for `--hang-s` (longer than its request deadline;
-SIGCONT after, if the supervisor has not killed it by then). Each fault goes to its own iteration when there are
-enough (the seed picks which, and after how many of the iteration's episodes have landed; the last iteration
-stays clean). A fault fires from the driver's own receipt stream, between two receipts, so it always hits while
-the iteration's other episodes are in flight, however fast or slow the machine.
+`--port-base` (+0…+199; by default a free block below the host's ephemeral ports), a private temp dir,
+`RAY_AUTH_MODE=disabled`; stopped at the end by the PIDs of the processes it started (never `ray stop`). The faults
+are real: SIGKILL of the actor's process (rollout worker, engine, pair builder, learner rank) and SIGSTOP of an
+engine for `--hang-s` (longer than its request deadline; SIGCONT after, if the supervisor has not killed it by
+then). Each fault goes to its own iteration when there are enough (the seed picks which, and after how many of the
+iteration's episodes have landed; the last iteration stays clean). A fault fires from the driver's own receipt
+stream, between two receipts, so it always hits while the iteration's other episodes are in flight, however fast or
+slow the machine.
 
 The checker reads only the run directory:
 - every (iteration, group) the driver scheduled is committed exactly once in each of `trajectories/`, `pairs/`
@@ -67,7 +68,7 @@ SETTLE_S = 90.0
 
 
 class LocalCluster:
-    """Two `ray start` nodes on this machine with fixed ports and a private temp dir; stopped by PID."""
+    """Two `ray start` nodes on this machine on a block of 200 ports and a private temp dir; stopped by PID."""
 
     def __init__(self, port_base: int | None = None, num_cpus: int = 4,
                  node_env: tuple[dict[str, str], ...] = ({}, {})):
