@@ -3,7 +3,8 @@
 A template is (category, frame, wording). Its ID is explicit and stable — `"{category}/{frame}/{wording index}"`,
 e.g. `harmful/bank.pay/0` — and its split is fixed by the wording index: the first `n_train` wordings of a frame
 are train templates, the rest are test templates, so **train and test share no template**. Entities come from
-small pools shared by both splits (see `entities.py`).
+small pools shared by both splits (see `entities.py`). The train split also holds each purpose frame's training
+wordings with a purpose from the lexicon (`lexicon.py`): `"{category}/{frame}/lex{wording index}"`.
 
 Each task is generated from `random.Random(f"{seed}:{template_id}:{round}")`, so the same arguments always give
 the same tasks, in the same order, on any machine and Python process (string seeds hash with SHA-512).
@@ -22,6 +23,7 @@ from typing import Any
 from mosaic_ray.envs import DOMAINS, ToolCall
 from mosaic_ray.scenarios import entities as E
 from mosaic_ray.scenarios.frames import FRAMES, Frame
+from mosaic_ray.scenarios.lexicon import widened
 from mosaic_ray.scenarios.privacy import (
     INJECTION_WRAPPERS,
     PRIVACY_FRAMES,
@@ -92,6 +94,10 @@ def _templates() -> list[Template]:
             split = "train" if k < frame.n_train else "test"
             cats = ["benign", "harmful"] + (["injection"] if frame.injectable else [])
             out += [Template(f"{c}/{frame.id}/{k}", c, frame.domain, split, frame, wording) for c in cats]
+        wide = widened(frame)   # the training wordings again, with a purpose from the lexicon (scenarios.lexicon)
+        for k, wording in enumerate(frame.wordings[:frame.n_train] if wide else ()):
+            out += [Template(f"{c}/{frame.id}/lex{k}", c, frame.domain, "train", wide, wording)
+                    for c in ("benign", "harmful")]
     for pframe in PRIVACY_FRAMES:
         for k, wording in enumerate(pframe.wordings):
             split = "train" if k < pframe.n_train else "test"
