@@ -59,7 +59,7 @@ def parse_lexicon(raw: object, where: str = LEXICON_FILE) -> dict[str, tuple[str
 @cache
 def lexicon() -> dict[str, tuple[str, ...]]:
     """The shipped lexicon."""
-    return parse_lexicon(json.loads(resources.files("mosaic_ray.scenarios").joinpath(LEXICON_FILE).read_text()))
+    return parse_lexicon(json.loads(resources.files("mosaic_ray.scenarios").joinpath(LEXICON_FILE).read_text("utf-8")))
 
 
 def widened(frame: Frame) -> Frame | None:

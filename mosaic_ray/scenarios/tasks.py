@@ -94,10 +94,9 @@ def _templates() -> list[Template]:
             split = "train" if k < frame.n_train else "test"
             cats = ["benign", "harmful"] + (["injection"] if frame.injectable else [])
             out += [Template(f"{c}/{frame.id}/{k}", c, frame.domain, split, frame, wording) for c in cats]
-        wide = widened(frame)   # the training wordings again, with a purpose from the lexicon (scenarios.lexicon)
-        for k, wording in enumerate(frame.wordings[:frame.n_train] if wide else ()):
+        if wide := widened(frame):   # the training wordings again, with a purpose from the lexicon
             out += [Template(f"{c}/{frame.id}/lex{k}", c, frame.domain, "train", wide, wording)
-                    for c in ("benign", "harmful")]
+                    for k, wording in enumerate(frame.wordings[:frame.n_train]) for c in ("benign", "harmful")]
     for pframe in PRIVACY_FRAMES:
         for k, wording in enumerate(pframe.wordings):
             split = "train" if k < pframe.n_train else "test"
