@@ -49,6 +49,8 @@ def test_a_learner_group_that_can_never_be_placed_fails_at_once_naming_the_gpu(r
 
 @pytest.mark.ray
 def test_a_placement_the_cluster_could_hold_but_does_not_fails_after_its_timeout(ray_session):
+    import time
+
     import ray
     from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 
@@ -65,6 +67,11 @@ def test_a_placement_the_cluster_could_hold_but_does_not_fails_after_its_timeout
     assert table["state"] == "CREATED" and table["strategy"] == "PACK"
     assert list(table["bundles"].values()) == [{"CPU": 0.5}, {"CPU": 0.5}]
     remove_placement_group(pg)
+    # removal is asynchronous: wait until both groups' CPUs are back, so no later test of the session sees them held
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0.0) < free and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ray.available_resources().get("CPU", 0.0) == free
 
 
 def test_a_run_that_a_fixed_cluster_can_never_hold_is_named_before_any_actor_starts():
