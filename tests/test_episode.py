@@ -42,6 +42,8 @@ def test_format_error_is_recorded_and_the_episode_continues():
     assert not ep.done and ep.steps[0].format_ok is False and ep.steps[0].action_kind == "format_error"
     reply = ep.step(call("fly_to_moon"))  # unknown tool: the parser flags it
     assert reply[0]["name"] == "format_error" and "unknown tool" in reply[0]["content"]
+    known = reply[0]["content"].split("(known: ")[1].split(")")[0].split(", ")
+    assert sorted(known) == sorted(set(known)) and "refuse" in known and "read_file" in known  # each named once
     ep.step(format_turn(think="x", answer="Done."))
     out = ep.outcome()
     assert out.format_errors == 2 and out.terminal == "answered" and not out.benign_success
