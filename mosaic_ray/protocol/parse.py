@@ -313,7 +313,7 @@ def _check_call(call: dict, tools: Mapping[str, dict] | None) -> tuple[str, dict
         schema = tools.get(REFUSE_TOOL, REFUSE_SCHEMA) if tools is not None else REFUSE_SCHEMA
     elif tools is not None:
         if name not in tools:
-            known = ", ".join(sorted(set(tools) | {REFUSE_TOOL})[:12])
+            known = ", ".join([*sorted(set(tools) - {REFUSE_TOOL})[:12], REFUSE_TOOL])
             raise _Fail(f"unknown tool '{name:.60}' (known: {known})")
         schema = tools[name]
     else:
